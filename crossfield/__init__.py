@@ -1,0 +1,1 @@
+"""Crossfield: serving and training for multi-head MACE force fields."""

@@ -1,0 +1,56 @@
+"""The one ``crossfield`` command.
+
+Each subcommand lives with its package (``server/cli.py``, ``training/cli.py``, ...) and
+exposes ``register(subparsers)``. Modules are imported only when their subcommand runs,
+so ``crossfield --help`` is instant and ``crossfield compute`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The module defines register(subparsers) -> None, which
+# adds the subparser and sets ``func(args) -> int`` as its default.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("crossfield.server.cli", "run the gRPC inference server"),
+    "compute": ("crossfield.client.cli", "evaluate a file of structures on a server (screening)"),
+    "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),
+    "publish": ("crossfield.training.publish_cli", "publish a checkpoint into a model repository"),
+    "import-mace": ("crossfield.model.import_cli", "convert a mace-torch .model file"),
+    "bench": ("crossfield.bench_cli", "run the benchmarks under bench/"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossfield",
+        description="Serve, train and use multi-head MACE force fields.",
+        epilog="Run 'crossfield COMMAND --help' for the options of one command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if name == wanted:
+            try:
+                importlib.import_module(module).register(subparsers)
+            except ModuleNotFoundError as err:
+                parser.error(f"'{name}' needs an optional dependency that is missing: {err.name}")
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

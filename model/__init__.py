@@ -1,0 +1,1 @@
+"""crossfield.model"""
