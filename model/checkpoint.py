@@ -1,0 +1,88 @@
+"""Self-describing checkpoints: architecture config, heads, element table and weights.
+
+Saved with ``torch.save`` as plain containers (dicts, lists, numbers, strings, tensors) and
+read back with ``torch.load(weights_only=True)``: a checkpoint never carries code, so a file
+from anywhere can be opened without trusting it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .mace import CrossfieldMACE
+
+FORMAT = "crossfield-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(model: CrossfieldMACE, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
+    """Write atomically: a reader never sees a half-written file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "metadata": metadata or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable Crossfield checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a Crossfield checkpoint (missing format marker)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {payload['format_version']} is newer than this Crossfield")
+    return payload
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Config, dtype and metadata without building the model."""
+    payload = _read(path)
+    return {"config": payload["config"], "dtype": payload["dtype"], "metadata": payload["metadata"]}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> CrossfieldMACE:
+    """Rebuild the model from its config and load the weights strictly."""
+    payload = _read(path, map_location)
+    config = ModelConfig.from_dict(payload["config"])
+    saved_dtype = getattr(torch, payload["dtype"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(saved_dtype)
+    try:
+        model = CrossfieldMACE(config)
+    finally:
+        torch.set_default_dtype(previous)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match the stored architecture: {err}") from err
+    model.metadata = payload["metadata"]
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(map_location).eval()

@@ -1,0 +1,212 @@
+"""The multi-head enhanced MACE: radial features, T interaction + product layers, readouts.
+
+``E = sum_i ( E0[h, z_i] + s_h (sum_t E_i^(t) + V_ZBL,i) + mu_h )`` per structure, where h
+is the structure's own head; forces and stress come from autograd through positions and
+a symmetric strain (SCIENCE.md section 5). Structures with different heads share one
+backbone pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+
+from .config import ModelConfig
+from .graph import GraphBatch
+from .interaction import HAS_SKIP, INTERACTIONS
+from .product import ProductBasis
+from .radial import RadialEmbedding, ZBLRepulsion
+from .readout import LinearReadout, NonLinearReadout
+
+
+def layer_irreps(config: ModelConfig) -> list[dict[str, o3.Irreps | None]]:
+    """Irreps of every layer, following MACE's layout.
+
+    The first layer reads only scalar embeddings; the last keeps only scalars (its output
+    feeds the energy readout alone); the middle layers carry the full hidden irreps.
+    """
+    hidden = o3.Irreps(config.hidden_irreps)
+    channels = config.num_channels
+    scalars = o3.Irreps(f"{channels}x0e")
+    sh = o3.Irreps.spherical_harmonics(config.max_ell)
+    interaction_irreps = (sh * channels).sort()[0].simplify()
+    edge = o3.Irreps(config.edge_irreps) if config.edge_irreps is not None else None
+    layers = []
+    for t in range(config.num_layers):
+        last = t == config.num_layers - 1
+        if t == 0:
+            edge_t = (
+                o3.Irreps(f"{edge.count(o3.Irrep(0, 1))}x0e") if edge is not None and config.edge_irreps_first else None
+            )
+        else:
+            edge_t = edge
+        layers.append(
+            {
+                "node_feats": scalars if t == 0 else hidden,
+                "target": interaction_irreps,
+                "hidden_out": scalars if last else hidden,
+                "edge": edge_t,
+            }
+        )
+    return layers
+
+
+class CrossfieldMACE(torch.nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        heads = config.heads
+        elements = config.num_elements
+        self.register_buffer("atomic_numbers", torch.tensor(config.elements, dtype=torch.int64))
+        self.register_buffer("e0s", torch.tensor([h.e0s for h in heads], dtype=torch.get_default_dtype()))
+        self.register_buffer("scale", torch.tensor([h.scale for h in heads], dtype=torch.get_default_dtype()))
+        self.register_buffer("shift", torch.tensor([h.shift for h in heads], dtype=torch.get_default_dtype()))
+
+        node_attrs = o3.Irreps(f"{elements}x0e")
+        channels = config.num_channels
+        self.node_embedding = o3.Linear(node_attrs, o3.Irreps(f"{channels}x0e"))
+        self.radial_embedding = RadialEmbedding(
+            config.r_max, config.num_bessel, config.cutoff_p, config.distance_transform, config.apply_cutoff
+        )
+        self.pair_repulsion = ZBLRepulsion(config.cutoff_p) if config.pair_repulsion else None
+        sh_irreps = o3.Irreps.spherical_harmonics(config.max_ell)
+        self.spherical_harmonics = o3.SphericalHarmonics(sh_irreps, normalize=True, normalization="component")
+
+        self.interactions = torch.nn.ModuleList()
+        self.products = torch.nn.ModuleList()
+        self.readouts = torch.nn.ModuleList()
+        mlp = o3.Irreps(config.readout_mlp_irreps)
+        for t, irreps in enumerate(layer_irreps(config)):
+            kind = config.interaction_first if t == 0 else config.interaction
+            self.interactions.append(
+                INTERACTIONS[kind](
+                    node_feats_irreps=irreps["node_feats"],
+                    node_attrs_irreps=node_attrs,
+                    sh_irreps=sh_irreps,
+                    num_radial=config.num_bessel,
+                    target_irreps=irreps["target"],
+                    hidden_irreps=irreps["hidden_out"],
+                    edge_irreps=irreps["edge"],
+                    avg_num_neighbors=config.avg_num_neighbors,
+                    radial_mlp=list(config.radial_mlp),
+                )
+            )
+            self.products.append(
+                ProductBasis(
+                    irreps["target"],
+                    irreps["hidden_out"],
+                    config.correlation[t],
+                    elements,
+                    agnostic=config.product == "agnostic",
+                )
+            )
+            last = t == config.num_layers - 1
+            if last and config.num_layers > 1:
+                self.readouts.append(NonLinearReadout(irreps["hidden_out"], mlp, config.num_heads))
+            elif not config.last_readout_only:
+                self.readouts.append(LinearReadout(irreps["hidden_out"], config.num_heads))
+        self.skip_used = [t == 0 and HAS_SKIP[config.interaction_first] or t > 0 for t in range(config.num_layers)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.e0s.dtype
+
+    def forward(
+        self,
+        batch: GraphBatch,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        training: bool = False,
+        return_descriptors: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        num_structures = batch.num_structures
+        positions = batch.positions
+        cell = batch.cell
+        strain = None
+        if compute_forces or compute_stress:
+            positions = positions.detach().requires_grad_(True)
+        if compute_stress:
+            # A symmetric strain applied to positions and cell: dE/d(strain) is the virial.
+            strain = torch.zeros(num_structures, 3, 3, dtype=positions.dtype, device=positions.device)
+            strain.requires_grad_(True)
+            symmetric = 0.5 * (strain + strain.transpose(-1, -2))
+            positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch.batch])
+            cell = cell + torch.matmul(cell, symmetric)
+        sender, receiver = batch.edge_index
+        shifts = torch.einsum("ei,eij->ej", batch.unit_shifts, cell[batch.batch[sender]])
+        vectors = positions[receiver] - positions[sender] + shifts
+        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+
+        node_heads = batch.heads[batch.batch]
+        node_energy, features = self.atomic_energies(batch, vectors, lengths, node_heads)
+        energy = node_energy.new_zeros(num_structures).index_add_(0, batch.batch, node_energy)
+
+        out = {"energy": energy, "node_energy": node_energy}
+        if return_descriptors:
+            out["descriptors"] = features
+        if compute_forces or compute_stress:
+            inputs = [positions] if strain is None else [positions, strain]
+            grads = torch.autograd.grad(
+                [energy],
+                inputs,
+                grad_outputs=[torch.ones_like(energy)],
+                create_graph=training,
+                retain_graph=training,
+                allow_unused=True,
+            )
+            forces = grads[0] if grads[0] is not None else torch.zeros_like(positions)
+            out["forces"] = -forces
+            if strain is not None:
+                virial_grad = grads[1] if grads[1] is not None else torch.zeros_like(strain)
+                volume = torch.linalg.det(batch.cell).abs().view(-1, 1, 1)
+                out["virials"] = -virial_grad
+                out["stress"] = torch.where(volume > 0, virial_grad / volume.clamp_min(1e-30), 0.0)
+        return out
+
+    def atomic_energies(
+        self, batch: GraphBatch, vectors: torch.Tensor, lengths: torch.Tensor, node_heads: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies (eV) and invariant descriptors from edge geometry."""
+        elements = batch.node_elements
+        node_attrs = torch.nn.functional.one_hot(elements, self.config.num_elements).to(vectors.dtype)
+        z = self.atomic_numbers[elements]
+        sender, receiver = batch.edge_index
+        edge_attrs = self.spherical_harmonics(vectors)
+        edge_feats, cutoff = self.radial_embedding(lengths, z[sender], z[receiver])
+
+        interaction_energy = torch.zeros_like(lengths[:, 0]).new_zeros(elements.shape[0])
+        if self.pair_repulsion is not None:
+            interaction_energy = self.pair_repulsion(lengths, z[sender], z[receiver], receiver, elements.shape[0])
+
+        node_feats = self.node_embedding(node_attrs)
+        layer_features = []
+        for interaction, product, skip_used in zip(self.interactions, self.products, self.skip_used):
+            message, skip = interaction(node_feats, node_attrs, edge_attrs, edge_feats, batch.edge_index, cutoff)
+            node_feats = product(message, elements, skip if skip_used else None)
+            layer_features.append(node_feats)
+        for t, readout in enumerate(self.readouts):
+            features = layer_features[-1] if len(self.readouts) == 1 else layer_features[t]
+            interaction_energy = interaction_energy + readout(features, node_heads)
+
+        node_energy = (
+            self.e0s[node_heads, elements]
+            + self.scale[node_heads] * interaction_energy
+            + self.shift[node_heads]
+        )
+        channels = self.config.num_channels
+        descriptors = torch.cat([f[:, :channels] for f in layer_features], dim=-1)
+        return node_energy, descriptors
+
+    def descriptors(self, batch: GraphBatch) -> torch.Tensor:
+        """Invariant per-atom descriptors (scalar channels of every layer), no gradients."""
+        with torch.no_grad():
+            return self.forward(batch, compute_forces=False, return_descriptors=True)["descriptors"]
+
+
+def build_model(config: ModelConfig, seed: int | None = None) -> CrossfieldMACE:
+    """A freshly initialised model; ``seed`` makes the initialisation reproducible."""
+    if seed is None:
+        return CrossfieldMACE(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CrossfieldMACE(config)
