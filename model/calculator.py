@@ -70,8 +70,12 @@ class CrossfieldCalculator(Calculator):
         config = self.model.config
         structure = Structure.from_atoms(self.atoms, head=self.head)
         batch = build_batch(
-            [structure], config.elements, config.r_max, config.head_names,
-            dtype=self.dtype, device=self.device,
+            [structure],
+            config.elements,
+            config.r_max,
+            config.head_names,
+            dtype=self.dtype,
+            device=self.device,
         )
         out = self.model(batch, compute_forces=True, compute_stress=want_stress, training=False)
         energy = float(out["energy"].detach()[0])

@@ -21,7 +21,9 @@ FORMAT = "crossfield-checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(model: CrossfieldMACE, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    model: CrossfieldMACE, path: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> None:
     """Write atomically: a reader never sees a half-written file under ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,11 +53,15 @@ def _read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> 
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable Crossfield checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{path}: not a readable Crossfield checkpoint ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a Crossfield checkpoint (missing format marker)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {payload['format_version']} is newer than this Crossfield")
+        raise ValueError(
+            f"{path}: checkpoint format {payload['format_version']} is newer than this Crossfield"
+        )
     return payload
 
 
@@ -66,7 +72,9 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> CrossfieldMACE:
     """Rebuild the model from its config and load the weights strictly."""
     payload = _read(path, map_location)

@@ -102,7 +102,9 @@ class ModelConfig:
         try:
             return self.head_names.index(name)
         except ValueError:
-            raise KeyError(f"unknown head {name!r}; this model has heads {self.head_names}") from None
+            raise KeyError(
+                f"unknown head {name!r}; this model has heads {self.head_names}"
+            ) from None
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

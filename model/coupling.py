@@ -65,9 +65,11 @@ def _coupling_tensor_cached(irreps: str, target: str, degree: int) -> torch.Tens
     rank = int((singular > 1e-9 * singular.max()).sum()) if singular.numel() else 0
     # Each basis tensor has norm sqrt(2L+1): every output component is O(1) for O(1) inputs.
     basis = vh[:rank] * dim_m**0.5
-    return basis.reshape(rank, dim_m, *([irreps_in.dim] * degree)).permute(
-        *range(1, degree + 2), 0
-    ).contiguous()
+    return (
+        basis.reshape(rank, dim_m, *([irreps_in.dim] * degree))
+        .permute(*range(1, degree + 2), 0)
+        .contiguous()
+    )
 
 
 def coupling_tensor(irreps: o3.Irreps, target: o3.Irrep, degree: int) -> torch.Tensor:

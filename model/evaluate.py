@@ -16,7 +16,9 @@ def evaluate(
     """Energy, forces, per-atom energies and (periodic structures) stress per structure."""
     config = model.config
     device = next(model.buffers()).device
-    batch = build_batch(structures, config.elements, config.r_max, config.head_names, model.dtype, device)
+    batch = build_batch(
+        structures, config.elements, config.r_max, config.head_names, model.dtype, device
+    )
     out = model(batch, compute_forces=True, compute_stress=compute_stress)
     ptr = batch.ptr.tolist()
     results = []

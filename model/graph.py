@@ -65,7 +65,9 @@ class GraphBatch:
     def num_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GraphBatch:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> GraphBatch:
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
@@ -112,7 +114,7 @@ def _fill_open_directions(
     box = box.copy()
     extent = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
     periodic = box[pbc]
-    complement = np.linalg.svd(periodic)[2][len(periodic):]
+    complement = np.linalg.svd(periodic)[2][len(periodic) :]
     for vector, axis in zip(complement, np.flatnonzero(~pbc)):
         box[axis] = vector * (2.0 * extent + 2.0 * r_max + 1.0)
     return box
@@ -151,7 +153,9 @@ def build_batch(
             )
         head = head_names[0] if s.head is None else s.head
         if head not in head_names:
-            raise ValueError(f"structures[{index}].head: unknown head {head!r}; heads are {list(head_names)}")
+            raise ValueError(
+                f"structures[{index}].head: unknown head {head!r}; heads are {list(head_names)}"
+            )
         pos = np.asarray(s.positions, dtype=np.float64).reshape(-1, 3)
         cell = np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell, dtype=np.float64)
         sender, receiver, shift = neighbour_list(pos, cell, s.pbc, r_max)

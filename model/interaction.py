@@ -102,7 +102,9 @@ class InteractionBlock(torch.nn.Module):
         self.edge_irreps = edge_irreps if edge_irreps is not None else node_feats_irreps
         self.avg_num_neighbors = avg_num_neighbors
         self.linear_up = o3.Linear(node_feats_irreps, self.edge_irreps)
-        self.message_irreps, instructions = convolution_irreps(self.edge_irreps, sh_irreps, target_irreps)
+        self.message_irreps, instructions = convolution_irreps(
+            self.edge_irreps, sh_irreps, target_irreps
+        )
         self.conv_tp = o3.TensorProduct(
             self.edge_irreps,
             sh_irreps,
@@ -169,7 +171,9 @@ class _SumNormalisedBlock(InteractionBlock):
             edge_density = torch.tanh(self.density_net(edge_feats) ** 2)
             if cutoff is not None:
                 edge_density = edge_density * cutoff
-            message = self.linear(message) / (scatter_sum(edge_density, edge_index[1], num_atoms) + 1)
+            message = self.linear(message) / (
+                scatter_sum(edge_density, edge_index[1], num_atoms) + 1
+            )
         else:
             message = self.linear(message) / self.avg_num_neighbors
         if not self.residual:
@@ -242,7 +246,11 @@ class NonLinearInteraction(InteractionBlock):
         up = self.linear_up(node_feats)
         residual = self.linear_residual(up)
         edge_inputs = torch.cat(
-            [edge_feats, self.source_embedding(node_attrs)[sender], self.target_embedding(node_attrs)[receiver]],
+            [
+                edge_feats,
+                self.source_embedding(node_attrs)[sender],
+                self.target_embedding(node_attrs)[receiver],
+            ],
             dim=-1,
         )
         tp_weights = self.radial(edge_inputs)
@@ -268,4 +276,10 @@ INTERACTIONS: dict[str, type[InteractionBlock]] = {
     )
 }
 
-HAS_SKIP = {"plain": False, "residual": True, "density": False, "density_residual": True, "nonlinear": True}
+HAS_SKIP = {
+    "plain": False,
+    "residual": True,
+    "density": False,
+    "density_residual": True,
+    "nonlinear": True,
+}

@@ -36,7 +36,9 @@ def layer_irreps(config: ModelConfig) -> list[dict[str, o3.Irreps | None]]:
         last = t == config.num_layers - 1
         if t == 0:
             edge_t = (
-                o3.Irreps(f"{edge.count(o3.Irrep(0, 1))}x0e") if edge is not None and config.edge_irreps_first else None
+                o3.Irreps(f"{edge.count(o3.Irrep(0, 1))}x0e")
+                if edge is not None and config.edge_irreps_first
+                else None
             )
         else:
             edge_t = edge
@@ -58,19 +60,31 @@ class CrossfieldMACE(torch.nn.Module):
         heads = config.heads
         elements = config.num_elements
         self.register_buffer("atomic_numbers", torch.tensor(config.elements, dtype=torch.int64))
-        self.register_buffer("e0s", torch.tensor([h.e0s for h in heads], dtype=torch.get_default_dtype()))
-        self.register_buffer("scale", torch.tensor([h.scale for h in heads], dtype=torch.get_default_dtype()))
-        self.register_buffer("shift", torch.tensor([h.shift for h in heads], dtype=torch.get_default_dtype()))
+        self.register_buffer(
+            "e0s", torch.tensor([h.e0s for h in heads], dtype=torch.get_default_dtype())
+        )
+        self.register_buffer(
+            "scale", torch.tensor([h.scale for h in heads], dtype=torch.get_default_dtype())
+        )
+        self.register_buffer(
+            "shift", torch.tensor([h.shift for h in heads], dtype=torch.get_default_dtype())
+        )
 
         node_attrs = o3.Irreps(f"{elements}x0e")
         channels = config.num_channels
         self.node_embedding = o3.Linear(node_attrs, o3.Irreps(f"{channels}x0e"))
         self.radial_embedding = RadialEmbedding(
-            config.r_max, config.num_bessel, config.cutoff_p, config.distance_transform, config.apply_cutoff
+            config.r_max,
+            config.num_bessel,
+            config.cutoff_p,
+            config.distance_transform,
+            config.apply_cutoff,
         )
         self.pair_repulsion = ZBLRepulsion(config.cutoff_p) if config.pair_repulsion else None
         sh_irreps = o3.Irreps.spherical_harmonics(config.max_ell)
-        self.spherical_harmonics = o3.SphericalHarmonics(sh_irreps, normalize=True, normalization="component")
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            sh_irreps, normalize=True, normalization="component"
+        )
 
         self.interactions = torch.nn.ModuleList()
         self.products = torch.nn.ModuleList()
@@ -105,7 +119,9 @@ class CrossfieldMACE(torch.nn.Module):
                 self.readouts.append(NonLinearReadout(irreps["hidden_out"], mlp, config.num_heads))
             elif not config.last_readout_only:
                 self.readouts.append(LinearReadout(irreps["hidden_out"], config.num_heads))
-        self.skip_used = [t == 0 and HAS_SKIP[config.interaction_first] or t > 0 for t in range(config.num_layers)]
+        self.skip_used = [
+            t == 0 and HAS_SKIP[config.interaction_first] or t > 0 for t in range(config.num_layers)
+        ]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,7 +143,9 @@ class CrossfieldMACE(torch.nn.Module):
             positions = positions.detach().requires_grad_(True)
         if compute_stress:
             # A symmetric strain applied to positions and cell: dE/d(strain) is the virial.
-            strain = torch.zeros(num_structures, 3, 3, dtype=positions.dtype, device=positions.device)
+            strain = torch.zeros(
+                num_structures, 3, 3, dtype=positions.dtype, device=positions.device
+            )
             strain.requires_grad_(True)
             symmetric = 0.5 * (strain + strain.transpose(-1, -2))
             positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch.batch])
@@ -164,11 +182,17 @@ class CrossfieldMACE(torch.nn.Module):
         return out
 
     def atomic_energies(
-        self, batch: GraphBatch, vectors: torch.Tensor, lengths: torch.Tensor, node_heads: torch.Tensor
+        self,
+        batch: GraphBatch,
+        vectors: torch.Tensor,
+        lengths: torch.Tensor,
+        node_heads: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom energies (eV) and invariant descriptors from edge geometry."""
         elements = batch.node_elements
-        node_attrs = torch.nn.functional.one_hot(elements, self.config.num_elements).to(vectors.dtype)
+        node_attrs = torch.nn.functional.one_hot(elements, self.config.num_elements).to(
+            vectors.dtype
+        )
         z = self.atomic_numbers[elements]
         sender, receiver = batch.edge_index
         edge_attrs = self.spherical_harmonics(vectors)
@@ -176,12 +200,18 @@ class CrossfieldMACE(torch.nn.Module):
 
         interaction_energy = torch.zeros_like(lengths[:, 0]).new_zeros(elements.shape[0])
         if self.pair_repulsion is not None:
-            interaction_energy = self.pair_repulsion(lengths, z[sender], z[receiver], receiver, elements.shape[0])
+            interaction_energy = self.pair_repulsion(
+                lengths, z[sender], z[receiver], receiver, elements.shape[0]
+            )
 
         node_feats = self.node_embedding(node_attrs)
         layer_features = []
-        for interaction, product, skip_used in zip(self.interactions, self.products, self.skip_used):
-            message, skip = interaction(node_feats, node_attrs, edge_attrs, edge_feats, batch.edge_index, cutoff)
+        for interaction, product, skip_used in zip(
+            self.interactions, self.products, self.skip_used
+        ):
+            message, skip = interaction(
+                node_feats, node_attrs, edge_attrs, edge_feats, batch.edge_index, cutoff
+            )
             node_feats = product(message, elements, skip if skip_used else None)
             layer_features.append(node_feats)
         for t, readout in enumerate(self.readouts):

@@ -4,7 +4,7 @@ Works on a live mace module or on the object tree that ``mace_file.read_mace_fil
 recovers from a ``.model`` pickle without executing its code: both expose the same
 ``__dict__`` (``_modules``, ``_parameters``, ``_buffers`` and plain attributes), which is
 all this module reads. The architecture is inferred from attributes and tensor shapes;
-anything we do not implement is refused with ``UnsupportedMaceModel`` naming the feature,
+anything we do not implement is refused with ``UnsupportedMaceModelError`` naming the feature,
 never converted into a silently different model.
 """
 
@@ -28,7 +28,7 @@ INTERACTION_CLASSES = {
 MODEL_CLASSES = ("MACE", "ScaleShiftMACE")
 
 
-class UnsupportedMaceModel(ValueError):
+class UnsupportedMaceModelError(ValueError):
     """The mace-torch model uses a feature Crossfield does not implement."""
 
 
@@ -71,7 +71,7 @@ def mace_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _refuse(feature: str) -> None:
-    raise UnsupportedMaceModel(f"unsupported mace-torch feature: {feature}")
+    raise UnsupportedMaceModelError(f"unsupported mace-torch feature: {feature}")
 
 
 # -- architecture --------------------------------------------------------------------------
@@ -86,7 +86,9 @@ def config_from_mace(model: Any) -> ModelConfig:
     for config_name in ("cueq_config", "oeq_config"):
         accelerated = _attr(first_block, config_name)
         if accelerated is not None and _attr(accelerated, "enabled", False):
-            _refuse(f"{config_name} (convert the model back to e3nn layout with mace's tools first)")
+            _refuse(
+                f"{config_name} (convert the model back to e3nn layout with mace's tools first)"
+            )
 
     elements = [int(z) for z in _tensor(model, "atomic_numbers").tolist()]
     heads = list(_attr(model, "heads", None) or ["Default"])
@@ -96,12 +98,16 @@ def config_from_mace(model: Any) -> ModelConfig:
     bessel = _child(radial, "bessel_fn")
     if _name(bessel) != "BesselBasis":
         _refuse(f"radial_type {_name(bessel)} (only the Bessel basis is implemented)")
-    if _tensor(bessel, "bessel_weights") is None or "bessel_weights" in vars(bessel).get("_parameters", {}):
+    if _tensor(bessel, "bessel_weights") is None or "bessel_weights" in vars(bessel).get(
+        "_parameters", {}
+    ):
         _refuse("trainable Bessel frequencies")
     transform = _child(radial, "distance_transform")
     if transform is not None and _name(transform) != "AgnesiTransform":
         _refuse(f"distance_transform {_name(transform)} (only Agnesi is implemented)")
-    if transform is not None and any(k in vars(transform).get("_parameters", {}) for k in ("a", "p", "q")):
+    if transform is not None and any(
+        k in vars(transform).get("_parameters", {}) for k in ("a", "p", "q")
+    ):
         _refuse("trainable Agnesi transform")
     pair = _child(model, "pair_repulsion_fn") if _attr(model, "pair_repulsion", False) else None
     if pair is not None and "a_exp" in vars(pair).get("_parameters", {}):
@@ -123,14 +129,20 @@ def config_from_mace(model: Any) -> ModelConfig:
 
     # Irreps from the product basis: one contraction per hidden irrep, U_matrix_1 is [2L+1, D, 1].
     def contraction_ls(product: Any) -> list[int]:
-        contractions = _modules(_child(_child(product, "symmetric_contractions"), "contractions")).values()
+        contractions = _modules(
+            _child(_child(product, "symmetric_contractions"), "contractions")
+        ).values()
         ls = []
         for contraction in contractions:
             u1 = _tensor(contraction, "U_matrix_1")
             ls.append(0 if u1.dim() == 2 else (u1.shape[0] - 1) // 2)
         return ls
 
-    first_contraction = next(iter(_modules(_child(_child(products[0], "symmetric_contractions"), "contractions")).values()))
+    first_contraction = next(
+        iter(
+            _modules(_child(_child(products[0], "symmetric_contractions"), "contractions")).values()
+        )
+    )
     coupling_dim = _tensor(first_contraction, "U_matrix_1").shape[-2]
     max_ell = round(math.sqrt(coupling_dim)) - 1
     if (max_ell + 1) ** 2 != coupling_dim:
@@ -147,8 +159,14 @@ def config_from_mace(model: Any) -> ModelConfig:
 
     correlation = []
     for product in products:
-        contraction = next(iter(_modules(_child(_child(product, "symmetric_contractions"), "contractions")).values()))
-        correlation.append(sum(1 for k in vars(contraction)["_buffers"] if k.startswith("U_matrix_")))
+        contraction = next(
+            iter(
+                _modules(_child(_child(product, "symmetric_contractions"), "contractions")).values()
+            )
+        )
+        correlation.append(
+            sum(1 for k in vars(contraction)["_buffers"] if k.startswith("U_matrix_"))
+        )
     agnostic = {bool(_attr(p, "use_agnostic_product", False)) for p in products}
     if len(agnostic) != 1:
         _refuse("element-agnostic product in some layers only")
@@ -167,13 +185,19 @@ def config_from_mace(model: Any) -> ModelConfig:
 
     last_readout_only = bool(_attr(model, "use_last_readout_only", False))
     for index, readout in enumerate(readouts):
-        expected = "NonLinearReadoutBlock" if index == len(readouts) - 1 and num_layers > 1 else "LinearReadoutBlock"
+        expected = (
+            "NonLinearReadoutBlock"
+            if index == len(readouts) - 1 and num_layers > 1
+            else "LinearReadoutBlock"
+        )
         if _name(readout) != expected:
             _refuse(f"readout {index} is {_name(readout)} (expected {expected})")
     mlp_width = 16
     if num_layers > 1:
         nonlinear = readouts[-1]
-        mlp_width = _tensor(_child(nonlinear, "linear_1"), "weight").numel() // (channels * num_heads)
+        mlp_width = _tensor(_child(nonlinear, "linear_1"), "weight").numel() // (
+            channels * num_heads
+        )
         activation = _child(nonlinear, "non_linearity")
         for act in _modules(_child(activation, "acts")).values():
             function = _attr(act, "f")
@@ -269,7 +293,11 @@ def _source_key(key: str, config: ModelConfig) -> str | None:
             return f"{base}.U_matrix_{parts[4][2:]}"
         degree = int(parts[5]) + 1
         correlation = config.correlation[int(layer)]
-        return f"{base}.weights_max" if degree == correlation else f"{base}.weights.{correlation - 1 - degree}"
+        return (
+            f"{base}.weights_max"
+            if degree == correlation
+            else f"{base}.weights.{correlation - 1 - degree}"
+        )
     return key
 
 
@@ -299,6 +327,6 @@ def convert_mace(model: Any, dtype: torch.dtype = torch.float64) -> CrossfieldMA
             value = value.unsqueeze(0)  # mace squeezes the M axis of scalar outputs
         state[key] = value.to(dtype)
     if missing:
-        raise UnsupportedMaceModel(f"mace-torch model lacks expected tensors: {missing[:5]}")
+        raise UnsupportedMaceModelError(f"mace-torch model lacks expected tensors: {missing[:5]}")
     ours.load_state_dict(state, strict=True)
     return ours.eval()

@@ -25,7 +25,12 @@ class SymmetricContraction(torch.nn.Module):
     """Product basis for one output irrep; input [N, C, D], output [N, C, 2L+1]."""
 
     def __init__(
-        self, irreps_in: o3.Irreps, irrep_out: o3.Irrep, correlation: int, num_weight_sets: int, channels: int
+        self,
+        irreps_in: o3.Irreps,
+        irrep_out: o3.Irrep,
+        correlation: int,
+        num_weight_sets: int,
+        channels: int,
     ) -> None:
         super().__init__()
         self.correlation = correlation
@@ -36,7 +41,9 @@ class SymmetricContraction(torch.nn.Module):
             u = coupling_tensor(irreps_in, irrep_out, degree).to(torch.get_default_dtype())
             self.register_buffer(f"U_{degree}", u)
             k = u.shape[-1]
-            self.weights.append(torch.nn.Parameter(torch.randn(num_weight_sets, k, channels) / max(k, 1)))
+            self.weights.append(
+                torch.nn.Parameter(torch.randn(num_weight_sets, k, channels) / max(k, 1))
+            )
 
     def coupling(self, degree: int) -> torch.Tensor:
         return getattr(self, f"U_{degree}")
@@ -66,11 +73,13 @@ class SymmetricContraction(torch.nn.Module):
         for degree in range(self.correlation, 0, -1):
             u = self.coupling(degree)  # [M, D^(degree-1), D, K]
             k = u.shape[-1]
-            lead = u.shape[: degree]  # M and degree-1 input indices
+            lead = u.shape[:degree]  # M and degree-1 input indices
             step = features.new_zeros(n, c, *lead)
             if k:
                 w = self.weights[degree - 1]
-                w = w[weight_index] if weight_index is not None else w.expand(n, -1, -1)  # [N, K, C]
+                w = (
+                    w[weight_index] if weight_index is not None else w.expand(n, -1, -1)
+                )  # [N, K, C]
                 outer = features.unsqueeze(-1) * w.transpose(1, 2).unsqueeze(2)  # [N, C, D, K]
                 step = (outer.reshape(n * c, d * k) @ u.reshape(-1, d * k).T).reshape(n, c, *lead)
             if acc is not None:
@@ -99,7 +108,9 @@ class ProductBasis(torch.nn.Module):
         channels = target_irreps.count(o3.Irrep(0, 1))
         per_channel = o3.Irreps([ir for _, ir in irreps_in])
         self.contractions = torch.nn.ModuleList(
-            SymmetricContraction(per_channel, ir, correlation, 1 if agnostic else num_elements, channels)
+            SymmetricContraction(
+                per_channel, ir, correlation, 1 if agnostic else num_elements, channels
+            )
             for _, ir in target_irreps
         )
         self.linear = o3.Linear(target_irreps, target_irreps)

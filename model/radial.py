@@ -67,10 +67,14 @@ class AgnesiTransform(torch.nn.Module):
         self.register_buffer("a", torch.tensor(a))
         self.register_buffer("covalent_radii", _covalent_radii())
 
-    def forward(self, r: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, r: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.Tensor
+    ) -> torch.Tensor:
         r0 = 0.5 * (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
         x = r / r0
-        return (1 + self.a * torch.pow(x, self.q) / (1 + torch.pow(x, self.q - self.p))).reciprocal()
+        return (
+            1 + self.a * torch.pow(x, self.q) / (1 + torch.pow(x, self.q - self.p))
+        ).reciprocal()
 
 
 class ZBLRepulsion(torch.nn.Module):
@@ -98,7 +102,9 @@ class ZBLRepulsion(torch.nn.Module):
     ) -> torch.Tensor:
         z_u = z_sender.unsqueeze(-1)
         z_v = z_receiver.unsqueeze(-1)
-        screening = self.a_prefactor * 0.529 / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
+        screening = (
+            self.a_prefactor * 0.529 / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
+        )
         x = r / screening
         phi = sum(c * torch.exp(-e * x) for c, e in zip(self.coefficients, self.exponents))
         pair = 14.3996 * z_u * z_v / r * phi
@@ -117,7 +123,12 @@ class RadialEmbedding(torch.nn.Module):
     """
 
     def __init__(
-        self, r_max: float, num_bessel: int, cutoff_p: int, distance_transform: str, apply_cutoff: bool
+        self,
+        r_max: float,
+        num_bessel: int,
+        cutoff_p: int,
+        distance_transform: str,
+        apply_cutoff: bool,
     ) -> None:
         super().__init__()
         self.bessel = BesselBasis(r_max, num_bessel)

@@ -96,7 +96,9 @@ def make_mace_model(
         torch.set_default_dtype(previous)
 
 
-def evaluate_mace(model, atoms_list, heads: list[str], head_per_structure: list[str], compute_stress=True):
+def evaluate_mace(
+    model, atoms_list, heads: list[str], head_per_structure: list[str], compute_stress=True
+):
     """Energies, forces and stress from mace-torch for a list of ASE Atoms."""
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
     r_max = float(model.r_max)
@@ -108,7 +110,9 @@ def evaluate_mace(model, atoms_list, heads: list[str], head_per_structure: list[
         for atoms, head in zip(atoms_list, head_per_structure):
             config = mace_data.config_from_atoms(atoms, head_name=head)
             config.head = head
-            data.append(mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=r_max, heads=heads))
+            data.append(
+                mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=r_max, heads=heads)
+            )
     finally:
         torch.set_default_dtype(previous)
     loader = torch_geometric.dataloader.DataLoader(data, batch_size=len(data), shuffle=False)
@@ -116,4 +120,6 @@ def evaluate_mace(model, atoms_list, heads: list[str], head_per_structure: list[
     for key in ("positions", "cell", "shifts", "unit_shifts", "node_attrs"):
         batch[key] = batch[key].to(dtype)
     out = model(batch, compute_stress=compute_stress, training=False)
-    return {k: out[k].detach() for k in ("energy", "forces", "stress") if out.get(k) is not None}, batch
+    return {
+        k: out[k].detach() for k in ("energy", "forces", "stress") if out.get(k) is not None
+    }, batch
