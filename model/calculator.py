@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
+
 from crossfield.model.graph import Structure, build_batch
 
 
@@ -25,7 +26,8 @@ class CrossfieldCalculator(Calculator):
     precision of the evaluation; when it differs from the model's, a converted copy is
     used so the caller's model is never changed behind their back. Stress is computed
     only when asked for (it costs a strain derivative that MD does not need) and only for
-    periodic structures, where it is defined.
+    periodic structures, where it is defined; once asked for, it comes with every later
+    evaluation, so that ``get_forces`` then ``get_stress`` (a cell filter) is one pass.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -53,6 +55,7 @@ class CrossfieldCalculator(Calculator):
         self.head = head
         self.dtype = dtype
         self.device = torch.device(device)
+        self.stress_wanted = False  # once asked for, stress comes with every evaluation
 
     def calculate(
         self,
@@ -62,11 +65,13 @@ class CrossfieldCalculator(Calculator):
     ) -> None:
         properties = properties or ["energy"]
         super().calculate(atoms, properties, system_changes)
-        want_stress = "stress" in properties
-        if want_stress and not has_volume(self.atoms):
-            raise PropertyNotImplementedError(
-                "stress: defined only for periodic structures with a non-singular cell"
-            )
+        if "stress" in properties:
+            if not has_volume(self.atoms):
+                raise PropertyNotImplementedError(
+                    "stress: defined only for periodic structures with a non-singular cell"
+                )
+            self.stress_wanted = True
+        want_stress = self.stress_wanted and has_volume(self.atoms)
         config = self.model.config
         structure = Structure.from_atoms(self.atoms, head=self.head)
         batch = build_batch(

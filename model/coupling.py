@@ -20,8 +20,12 @@ import torch
 from e3nn import o3
 
 
-def _couple(irreps: o3.Irreps, degree: int, lmax_mid: int) -> list[tuple[o3.Irrep, torch.Tensor]]:
-    """All left-to-right couplings of ``degree`` copies of ``irreps``: (irrep, [M, D, ..., D])."""
+def _couple(irreps: o3.Irreps, degree: int, target: o3.Irrep) -> list[torch.Tensor]:
+    """All left-to-right couplings of ``degree`` copies of ``irreps`` onto ``target``.
+
+    Each is a tensor [M, D, ..., D]. Intermediate irreps that cannot return to the target
+    in the remaining steps are pruned as they appear.
+    """
     dim = irreps.dim
     offsets = [0]
     for _, ir in irreps:
@@ -31,12 +35,15 @@ def _couple(irreps: o3.Irreps, degree: int, lmax_mid: int) -> list[tuple[o3.Irre
         tensor = torch.zeros(ir.dim, dim, dtype=torch.float64)
         tensor[:, offsets[index] : offsets[index + 1]] = torch.eye(ir.dim, dtype=torch.float64)
         paths.append((ir, tensor))
-    for _ in range(degree - 1):
+    for step in range(1, degree):
+        remaining = degree - 1 - step
         coupled = []
         for ir_left, left in paths:
             for index, (_, ir_right) in enumerate(irreps):
                 for ir_out in ir_left * ir_right:
-                    if ir_out.l > lmax_mid:
+                    if abs(ir_out.l - target.l) > remaining * irreps.lmax:
+                        continue
+                    if remaining == 0 and ir_out != target:
                         continue
                     w3j = o3.wigner_3j(ir_left.l, ir_right.l, ir_out.l, dtype=torch.float64)
                     block = torch.einsum("l...,lrm->m...r", left, w3j)
@@ -44,16 +51,14 @@ def _couple(irreps: o3.Irreps, degree: int, lmax_mid: int) -> list[tuple[o3.Irre
                     tensor[..., offsets[index] : offsets[index + 1]] = block
                     coupled.append((ir_out, tensor))
         paths = coupled
-    return paths
+    return [tensor for ir, tensor in paths if ir == target]
 
 
 @functools.lru_cache(maxsize=64)
 def _coupling_tensor_cached(irreps: str, target: str, degree: int) -> torch.Tensor:
     irreps_in = o3.Irreps(irreps)
     ir_target = o3.Irrep(target)
-    # Intermediate irreps above lmax_in * remaining steps cannot return to the target.
-    lmax_mid = ir_target.l + (degree - 1) * irreps_in.lmax
-    candidates = [t for ir, t in _couple(irreps_in, degree, lmax_mid) if ir == ir_target]
+    candidates = _couple(irreps_in, degree, ir_target)
     dim_m = ir_target.dim
     if not candidates:
         return torch.zeros(dim_m, *([irreps_in.dim] * degree), 0, dtype=torch.float64)
