@@ -123,3 +123,26 @@ def evaluate_mace(
     return {
         k: out[k].detach() for k in ("energy", "forces", "stress") if out.get(k) is not None
     }, batch
+
+
+def mace_virials(model, atoms_list, heads: list[str], head: str) -> np.ndarray:
+    """mace-torch's virials (-dE/d strain), independent of the cell volume."""
+    z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    dtype = next(model.parameters()).dtype
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        data = []
+        for atoms in atoms_list:
+            config = mace_data.config_from_atoms(atoms, head_name=head)
+            config.head = head
+            data.append(
+                mace_data.AtomicData.from_config(
+                    config, z_table=z_table, cutoff=float(model.r_max), heads=heads
+                )
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    batch = next(iter(torch_geometric.dataloader.DataLoader(data, batch_size=len(data)))).to_dict()
+    out = model(batch, compute_virials=True, training=False)
+    return out["virials"].detach().numpy()
