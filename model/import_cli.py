@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
             model, args.out, args.name or args.source.stem, meta=meta, version=args.version
         )
     config = model.config
+    precision = str(dtype).removeprefix("torch.")
     print(
-        f"wrote {where}: {config.num_layers} x {config.interaction} layers, hidden {config.hidden_irreps}, "
-        f"{config.num_elements} elements, heads {config.head_names}, {str(dtype).removeprefix('torch.')}"
+        f"wrote {where}: {config.num_layers} x {config.interaction} layers, "
+        f"hidden {config.hidden_irreps}, {config.num_elements} elements, "
+        f"heads {config.head_names}, {precision}"
     )
     return 0

@@ -125,6 +125,7 @@ def read_mace_file(path: str | os.PathLike) -> Any:
         tree = tree["model"]
     if not isinstance(tree, Opaque) or "_modules" not in vars(tree):
         raise ValueError(
-            f"{path}: does not contain a pickled torch module (a state_dict alone has no architecture)"
+            f"{path}: does not contain a pickled torch module "
+            "(a state_dict alone has no architecture)"
         )
     return tree
