@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (mace must be imported before e3nn)
 """Write tests/data/mace_e3nn044.model and its reference outputs, under e3nn 0.4.4.
 
 mace-torch pins e3nn 0.4.4, and whole-model pickles do not load across e3nn versions, so
