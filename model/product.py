@@ -5,15 +5,19 @@ For every atom i and channel c:
 evaluated Horner-style from the highest degree down:
 ``acc <- (acc + U^(nu) W^(nu)) . A`` contracting one input index per step.
 
-Each step is done as one matrix product of U (flattened over its leading indices) with
-the outer product ``A (x) W`` of shape [atoms * channels, D * K], which never materialises
-the [atoms, channels, D^nu] tensor of a naive einsum.
+Each step first folds the weights into the coupling tensor, ``U W`` (once per element
+present in the batch, or once for the element-agnostic product), then contracts it with
+every atom's features as a batched mat-vec: the cost grows with atoms x channels x
+(2L+1) D^nu, never with the number of paths K, and nothing of size atoms x D^nu x K is
+materialised.
 
 Weights are per element (MACE-MP-0) or one table shared by all elements (the MH-1
 "element-agnostic product").
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from e3nn import o3
@@ -66,26 +70,54 @@ class SymmetricContraction(torch.nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, features: torch.Tensor, weight_index: torch.Tensor | None) -> torch.Tensor:
-        """``features`` [N, C, D]; ``weight_index`` [N] element index, or None when agnostic."""
-        n, c, d = features.shape
-        acc: torch.Tensor | None = None
+    def forward(
+        self, features: torch.Tensor, segments: list[tuple[int, int]] | None
+    ) -> torch.Tensor:
+        """``features`` [C, N, D] channel-major; returns [C, N, 2L+1].
+
+        ``segments`` lists (element, atom count) for atoms sorted by element, or None for
+        the element-agnostic product (one weight set for every atom).
+        """
+        c, n, d = features.shape
+        acc: torch.Tensor | None = None  # [C, N, M * D^degree] carried down from above
         for degree in range(self.correlation, 0, -1):
             u = self.coupling(degree)  # [M, D^(degree-1), D, K]
-            k = u.shape[-1]
-            lead = u.shape[:degree]  # M and degree-1 input indices
-            step = features.new_zeros(n, c, *lead)
-            if k:
-                w = self.weights[degree - 1]
-                w = (
-                    w[weight_index] if weight_index is not None else w.expand(n, -1, -1)
-                )  # [N, K, C]
-                outer = features.unsqueeze(-1) * w.transpose(1, 2).unsqueeze(2)  # [N, C, D, K]
-                step = (outer.reshape(n * c, d * k) @ u.reshape(-1, d * k).T).reshape(n, c, *lead)
+            lead = math.prod(u.shape[:degree])  # M * D^(degree-1)
+            step = self._weighted_step(u.reshape(lead * d, -1), degree, features, segments, lead)
             if acc is not None:
-                step = step + torch.einsum("nc...i,nci->nc...", acc, features)
+                carried = acc.view(c, n, lead, d) @ features.unsqueeze(-1)
+                step = step + carried.squeeze(-1)
             acc = step
-        return acc.reshape(n, c, self.dim_out)
+        return acc
+
+    def _weighted_step(
+        self,
+        u: torch.Tensor,  # [M * D^(degree-1) * D, K]
+        degree: int,
+        features: torch.Tensor,
+        segments: list[tuple[int, int]] | None,
+        lead: int,
+    ) -> torch.Tensor:
+        """``sum_{i,k} U[a, i, k] W[z, k, c] A[c, n, i]`` -> [C, N, lead].
+
+        ``U W`` is formed once per element present (cost independent of the number of
+        atoms), then applied to that element's atoms as one batched matrix product.
+        """
+        c, n, d = features.shape
+        weights = self.weights[degree - 1]
+        if u.shape[-1] == 0:
+            return features.new_zeros(c, n, lead)
+
+        def folded(weight_set: int) -> torch.Tensor:  # [C, D, lead]
+            return (u @ weights[weight_set]).view(lead, d, c).permute(2, 1, 0)
+
+        if segments is None:
+            return torch.bmm(features, folded(0))
+        pieces, start = [], 0
+        for element, count in segments:
+            pieces.append(torch.bmm(features[:, start : start + count], folded(element)))
+            start += count
+        return torch.cat(pieces, dim=1)
 
 
 class ProductBasis(torch.nn.Module):
@@ -105,6 +137,7 @@ class ProductBasis(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.agnostic = agnostic
+        self.num_elements = num_elements
         channels = target_irreps.count(o3.Irrep(0, 1))
         per_channel = o3.Irreps([ir for _, ir in irreps_in])
         self.contractions = torch.nn.ModuleList(
@@ -118,7 +151,21 @@ class ProductBasis(torch.nn.Module):
     def forward(
         self, features: torch.Tensor, node_elements: torch.Tensor, skip: torch.Tensor | None
     ) -> torch.Tensor:
-        index = None if self.agnostic else node_elements
-        parts = [c(features, index) for c in self.contractions]
-        out = self.linear(torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=-1))
+        """``features`` [N, C, D] from the interaction; returns [N, target_irreps.dim]."""
+        n = features.shape[0]
+        segments, order = None, None
+        if not self.agnostic:
+            # Atoms sorted by element: each element's weights act on one contiguous block.
+            order = torch.argsort(node_elements, stable=True)
+            counts = torch.bincount(node_elements, minlength=self.num_elements).tolist()
+            segments = [(element, count) for element, count in enumerate(counts) if count]
+            features = features[order]
+        channel_major = features.transpose(0, 1).contiguous()  # [C, N, D]
+        parts = [
+            c(channel_major, segments).transpose(0, 1).reshape(n, -1) for c in self.contractions
+        ]
+        out = torch.cat(parts, dim=-1)
+        if order is not None:
+            out = out[torch.argsort(order)]
+        out = self.linear(out)
         return out if skip is None else out + skip
