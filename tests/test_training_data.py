@@ -9,12 +9,19 @@ from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
+from training_support import single_thread
 
 from crossfield.model import build_batch
-from crossfield.training.config import build, load_config, TrainConfig
+from crossfield.training.config import TrainConfig, build, load_config
 from crossfield.training.data import DataKeys, Dataset, build_targets, read_configurations
 from crossfield.training.loss import LossConfig, weighted_loss
 from crossfield.training.statistics import average_num_neighbours, fit_e0s, scale_and_shift
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def _frame(rng, symbols="CuCuAl", periodic=True) -> Atoms:
@@ -54,7 +61,9 @@ def test_labels_come_from_configured_keys_or_the_calculator(tmp_path):
 
 def test_any_ase_format_is_read(tmp_path):
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.calc = SinglePointCalculator(atoms, energy=-1.25, forces=np.zeros((4, 3)), stress=np.arange(6.0))
+    atoms.calc = SinglePointCalculator(
+        atoms, energy=-1.25, forces=np.zeros((4, 3)), stress=np.arange(6.0)
+    )
     path = tmp_path / "data.traj"
     write(path, [atoms, atoms])
     configs = read_configurations(path)
@@ -84,7 +93,9 @@ def test_dataset_batches_equal_build_batch(tmp_path):
     configs = read_configurations(path)
     dataset = Dataset(configs, [13, 29], 4.0, ["default"])
     graph, targets = dataset.batch([2, 0])
-    reference = build_batch([configs[2].structure, configs[0].structure], [13, 29], 4.0, ["default"])
+    reference = build_batch(
+        [configs[2].structure, configs[0].structure], [13, 29], 4.0, ["default"]
+    )
     for name in reference.__dataclass_fields__:
         assert torch.equal(getattr(graph, name), getattr(reference, name)), name
     assert targets.energy.tolist() == [4.0, 2.0]
@@ -145,7 +156,9 @@ def test_loss_weights_normalisation_and_huber():
     assert parts["energy"].item() == pytest.approx((0.25 + 0.5 * 0.25) / 2)
     assert parts["forces"].item() == pytest.approx(1.0 / 3)
     assert total.item() == pytest.approx(2 * 0.1875 + 10 / 3)
-    huber, _ = weighted_loss(output, targets, LossConfig(kind="huber", huber_delta=0.1, forces_weight=10.0))
+    huber, _ = weighted_loss(
+        output, targets, LossConfig(kind="huber", huber_delta=0.1, forces_weight=10.0)
+    )
     assert huber.item() < total.item()
     with pytest.raises(ValueError, match="loss.kind"):
         LossConfig(kind="l1")
@@ -157,7 +170,9 @@ def test_config_tree_from_yaml_and_flags(tmp_path):
         "heads:\n  - name: pbe\n    train_file: train.xyz\n    e0s: {Cu: -1.5, 13: -2.0}\n"
         "optimizer: {lr: 0.002}\nmodel: {hidden_irreps: 16x0e}\n"
     )
-    config = load_config(tmp_path / "config.yaml", {"loss.forces_weight": "50", "head.loss_weight": 2})
+    config = load_config(
+        tmp_path / "config.yaml", {"loss.forces_weight": "50", "head.loss_weight": 2}
+    )
     assert config.heads[0].train_file == str(tmp_path / "train.xyz")
     assert config.heads[0].e0_table() == {29: -1.5, 13: -2.0}
     assert config.loss.forces_weight == 50.0 and config.heads[0].loss_weight == 2.0
@@ -178,8 +193,19 @@ def test_cli_flags_cover_every_option():
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["train", "--optimizer.lr", "1e-3", "--model.radial-mlp", "[8, 8]", "--ema-decay", "null",
-         "--finetune.filter", "exclusive", "--head.keys.energy", "REF_energy"]
+        [
+            "train",
+            "--optimizer.lr",
+            "1e-3",
+            "--model.radial-mlp",
+            "[8, 8]",
+            "--ema-decay",
+            "null",
+            "--finetune.filter",
+            "exclusive",
+            "--head.keys.energy",
+            "REF_energy",
+        ]
     )
     overrides = cli.overrides_from(args)
     assert overrides == {

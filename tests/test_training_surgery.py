@@ -5,18 +5,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from training_support import single_thread
 
 from crossfield.model import HeadConfig, ModelConfig, Structure, build_model, evaluate
 from crossfield.training.data import Configuration
-from crossfield.training.replay import farthest_point_sampling, filter_configurations, repeat_for_ratio, select_replay
+from crossfield.training.replay import (
+    farthest_point_sampling,
+    filter_configurations,
+    repeat_for_ratio,
+    select_replay,
+)
 from crossfield.training.setup import HeadData
 from crossfield.training.surgery import transplant
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def _source(interaction: str, product: str) -> torch.nn.Module:
     config = ModelConfig(
         elements=[1, 6, 8, 29],
-        heads=[HeadConfig("a", [-1.0, -2.0, -3.0, -4.0], 1.3, 0.2), HeadConfig("b", [-5.0, -6.0, -7.0, -8.0], 0.7, -0.1)],
+        heads=[
+            HeadConfig("a", [-1.0, -2.0, -3.0, -4.0], 1.3, 0.2),
+            HeadConfig("b", [-5.0, -6.0, -7.0, -8.0], 0.7, -0.1),
+        ],
         r_max=4.0,
         max_ell=2,
         hidden_irreps="8x0e+8x1o",
@@ -31,7 +46,9 @@ def _source(interaction: str, product: str) -> torch.nn.Module:
     with torch.no_grad():  # move every weight off its initial value so copies are visible
         generator = torch.Generator().manual_seed(2)
         for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+            parameter.add_(
+                0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            )
     return model
 
 
@@ -51,7 +68,12 @@ def _structures(numbers: list[int], head: str, count: int = 3) -> list[Structure
 
 @pytest.mark.parametrize(
     ("interaction", "product"),
-    [("residual", "element"), ("nonlinear", "agnostic"), ("density_residual", "element"), ("plain", "element")],
+    [
+        ("residual", "element"),
+        ("nonlinear", "agnostic"),
+        ("density_residual", "element"),
+        ("plain", "element"),
+    ],
 )
 def test_transplant_restricts_elements_and_copies_heads_exactly(interaction, product):
     source = _source(interaction, product)
@@ -59,14 +81,19 @@ def test_transplant_restricts_elements_and_copies_heads_exactly(interaction, pro
         {
             **source.config.to_dict(),
             "elements": [6, 13, 29],  # H and O dropped, Al new
-            "heads": [HeadConfig("b", [-6.0, 0.0, -8.0], 0.7, -0.1), HeadConfig("new", [-6.0, 0.0, -8.0], 0.7, -0.1)],
+            "heads": [
+                HeadConfig("b", [-6.0, 0.0, -8.0], 0.7, -0.1),
+                HeadConfig("new", [-6.0, 0.0, -8.0], 0.7, -0.1),
+            ],
         }
     )
     target = transplant(source, new_config, ["b", "b"], seed=5)
     on_b = _structures([6, 29], "b")
     expected = evaluate(source, on_b)
     for head in ("b", "new"):
-        got = evaluate(target, [Structure(s.numbers, s.positions, s.cell, s.pbc, head) for s in on_b])
+        got = evaluate(
+            target, [Structure(s.numbers, s.positions, s.cell, s.pbc, head) for s in on_b]
+        )
         for e, g in zip(expected, got):
             np.testing.assert_allclose(g["energy"], e["energy"], rtol=0, atol=1e-10)
             np.testing.assert_allclose(g["forces"], e["forces"], rtol=0, atol=1e-10)
@@ -78,7 +105,9 @@ def test_transplant_restricts_elements_and_copies_heads_exactly(interaction, pro
 
 def test_transplant_refuses_other_architectures():
     source = _source("residual", "element")
-    other = ModelConfig.from_dict({**source.config.to_dict(), "max_ell": 1, "hidden_irreps": "8x0e+8x1o"})
+    other = ModelConfig.from_dict(
+        {**source.config.to_dict(), "max_ell": 1, "hidden_irreps": "8x0e+8x1o"}
+    )
     with pytest.raises(ValueError, match="max_ell"):
         transplant(source, other, ["a", "b"])
 
@@ -92,7 +121,10 @@ def test_element_filters_follow_mace_definitions():
     configs = [_config(n) for n in ([29], [29, 13], [29, 13, 8], [8], [13])]
 
     def kept(mode):
-        return [sorted(set(c.structure.numbers.tolist())) for c in filter_configurations(configs, [29, 13], mode)]
+        return [
+            sorted(set(c.structure.numbers.tolist()))
+            for c in filter_configurations(configs, [29, 13], mode)
+        ]
 
     assert kept("none") == [[29], [13, 29], [8, 13, 29], [8], [13]]
     assert kept("combinations") == [[29], [13, 29], [13]]
@@ -115,8 +147,16 @@ def test_fps_selection_on_model_descriptors_prefers_diverse_structures():
     source = _source("residual", "element")
     rng = np.random.default_rng(1)
     base = rng.uniform(0, 4, (6, 3))
-    near = [Structure(np.full(6, 29), base + 0.01 * rng.normal(size=(6, 3)), np.eye(3) * 5, (True,) * 3, "a") for _ in range(6)]
-    far = [Structure(np.full(6, 29), rng.uniform(0, 4, (6, 3)), np.eye(3) * 5, (True,) * 3, "a") for _ in range(2)]
+    near = [
+        Structure(
+            np.full(6, 29), base + 0.01 * rng.normal(size=(6, 3)), np.eye(3) * 5, (True,) * 3, "a"
+        )
+        for _ in range(6)
+    ]
+    far = [
+        Structure(np.full(6, 29), rng.uniform(0, 4, (6, 3)), np.eye(3) * 5, (True,) * 3, "a")
+        for _ in range(2)
+    ]
     other = [Structure(np.array([6] * 6), base, np.eye(3) * 5, (True,) * 3, "a")]
     configs = [Configuration(structure=s) for s in near + far + other]
     chosen = select_replay(source, configs, 4, "fps", seed=0)
@@ -128,6 +168,8 @@ def test_fps_selection_on_model_descriptors_prefers_diverse_structures():
 
 def test_small_new_data_are_repeated():
     heads = [HeadData("new", [_config([29])] * 3, [])]
-    assert repeat_for_ratio(heads, num_replay=100, threshold=0.1) == 4  # 3/100 < 0.1: 1 + int(0.1/0.03)
+    assert (
+        repeat_for_ratio(heads, num_replay=100, threshold=0.1) == 4
+    )  # 3/100 < 0.1: 1 + int(0.1/0.03)
     assert len(heads[0].train) == 12
     assert repeat_for_ratio(heads, num_replay=100, threshold=0.1) == 1

@@ -1,0 +1,245 @@
+"""Serving throughput: N concurrent gRPC clients vs in-process evaluation.
+
+For each workload (small molecules; 64-atom silicon crystals) this starts a real server on
+loopback, runs N client threads in a separate process without torch (each sends one structure at a
+time and waits for its answer, like an MD driver), and reports structures/s and atoms/s.
+Two references evaluate the same structures in this process, without gRPC:
+
+  (a) batched: in batches of the mean size the server's batcher formed (read from its
+      Prometheus metrics), graph building included; the limit the server can approach;
+  (b) one at a time: one structure per model call, what a client without a server does.
+
+"busy" is the fraction of the run the server's runner spent computing batches.
+
+Usage: python bench/serve_throughput.py [--clients 16] [--model default|small] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+from crossfield.v1 import inference_pb2
+from crossfield.v1.messages import compute_request
+
+COMPUTE = "/crossfield.v1.Inference/Compute"
+
+
+def _run_clients(address: str, batches: list[list[bytes]]) -> tuple[float, list[str]]:
+    """One thread per client, each with its own channel, sending its requests in turn;
+    returns the wall time from the moment all clients are connected, and any errors."""
+    import grpc
+
+    barrier = threading.Barrier(len(batches) + 1)
+    errors: list[str] = []
+
+    def client(requests: list[bytes]) -> None:
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(COMPUTE)  # raw bytes in and out
+            grpc.channel_ready_future(channel).result(timeout=60)
+            barrier.wait()
+            for request in requests:
+                try:
+                    inference_pb2.ComputeResponse.FromString(call(request, timeout=120))
+                except grpc.RpcError as err:
+                    errors.append(f"{err.code()}: {err.details()}")
+
+    threads = [threading.Thread(target=client, args=(b,)) for b in batches]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, errors
+
+
+def _client_main(address: str, path: str) -> int:
+    """Entry point of the client process (no torch): requests from a pickle, JSON out."""
+    with open(path, "rb") as handle:
+        batches = pickle.load(handle)
+    elapsed, errors = _run_clients(address, batches)
+    print(json.dumps({"elapsed": elapsed, "errors": errors[:5], "failed": len(errors)}))
+    return 0
+
+
+def workload(kind: str, count: int, seed: int = 0):
+    """``count`` rattled structures: small molecules (3-12 atoms) or 64-atom Si crystals."""
+    from ase.build import bulk, molecule
+
+    from crossfield.model import Structure
+
+    rng = np.random.default_rng(seed)
+    if kind == "molecules":
+        templates = [
+            molecule(n) for n in ("H2O", "CH4", "NH3", "CH3OH", "C6H6", "CH3CH2OH", "HCOOH")
+        ]
+    else:
+        templates = [bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))]
+    structures = []
+    for index in range(count):
+        atoms = templates[index % len(templates)].copy()
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        structures.append(Structure.from_atoms(atoms))
+    return structures
+
+
+def properties(structure) -> tuple[str, ...]:
+    return ("energy", "forces", "stress") if any(structure.pbc) else ("energy", "forces")
+
+
+def serve_and_load(model, structures, clients: int, dtype) -> tuple[float, float, float]:
+    """Throughput of a real server under ``clients`` concurrent clients; returns
+    (structures per second, mean batch size the batcher formed, fraction of the time
+    the runner was computing)."""
+    from crossfield.server.app import InferenceServer, ServerConfig
+
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        device="cpu",
+        dtype=dtype,
+    )
+    server = InferenceServer(config)
+    server.add_model(model, "bench", "1")
+    server.start()
+    try:
+        requests = [
+            compute_request(
+                s.numbers,
+                s.positions,
+                s.cell if any(s.pbc) else None,
+                s.pbc if any(s.pbc) else None,
+                model="bench",
+                properties=properties(s),
+                id=str(i),
+            ).SerializeToString()
+            for i, s in enumerate(structures)
+        ]
+        batches = [requests[rank::clients] for rank in range(clients)]
+        with tempfile.NamedTemporaryFile(suffix=".pickle") as handle:
+            pickle.dump(batches, handle)
+            handle.flush()
+            address = f"127.0.0.1:{server.port}"
+            command = [sys.executable, __file__, "--client", address, handle.name]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        report = json.loads(output.strip().splitlines()[-1])
+        if report["failed"]:
+            raise RuntimeError(f"{report['failed']} requests failed, e.g. {report['errors'][0]}")
+        elapsed = report["elapsed"]
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics")
+            .read()
+            .decode()
+        )
+    finally:
+        server.stop(grace=5.0)
+    count = _sample(text, "crossfield_batch_structures_count")
+    total = _sample(text, "crossfield_batch_structures_sum")
+    busy = _sample(text, "crossfield_compute_seconds_sum") / elapsed
+    return len(structures) / elapsed, total / count, busy
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def in_process(model, structures, batch_size: int) -> float:
+    """Structures per second evaluating ``structures`` in batches of ``batch_size`` with
+    graph building and per-structure results in numpy, as the runner does."""
+    from crossfield.model import evaluate
+
+    stress = any(any(s.pbc) for s in structures)
+    start = time.perf_counter()
+    for first in range(0, len(structures), batch_size):
+        evaluate(model, structures[first : first + batch_size], compute_stress=stress)
+    return len(structures) / (time.perf_counter() - start)
+
+
+def load_model(name: str, dtype):
+    from crossfield.model import HeadConfig, ModelConfig, build_model
+    from crossfield.model.presets import default_model
+
+    if name == "default":
+        return default_model().to(dtype).eval()
+    config = ModelConfig(
+        elements=[1, 6, 7, 8, 14],
+        heads=[HeadConfig("pbe", e0s=[0.0] * 5)],
+        r_max=4.0,
+        hidden_irreps="8x0e+8x1o",
+        max_ell=2,
+        correlation=2,
+        radial_mlp=[16, 16],
+    )
+    return build_model(config, seed=0).to(dtype).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--client"]:
+        return _client_main(*argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--model", choices=("default", "small"), default="default")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--molecules", type=int, default=384, help="molecules sent per run")
+    parser.add_argument("--crystals", type=int, default=48, help="64-atom crystals sent per run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: no spin-wait thrash on small shared machines)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a quarter of the structures")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype)
+    scale = 4 if args.quick else 1
+    print(
+        f"model={args.model} dtype={args.dtype} clients={args.clients} "
+        f"torch_threads={torch.get_num_threads()}"
+    )
+    header = (
+        f"{'workload':<10} {'n':>5} {'server s/s':>11} {'atoms/s':>9} {'batch':>6} {'busy':>5} "
+        f"{'(a) s/s':>9} {'(b) s/s':>9} {'server/(a)':>10} {'server/(b)':>10}"
+    )
+    print(header)
+    for kind, count in (
+        ("molecules", args.molecules // scale),
+        ("crystals", args.crystals // scale),
+    ):
+        structures = workload(kind, count)
+        atoms = sum(len(s.numbers) for s in structures) / len(structures)
+        in_process(model, structures[:4], 4)  # warm up
+        served, batch, busy = serve_and_load(model, structures, args.clients, dtype)
+        batched = in_process(model, structures, max(1, round(batch)))
+        single = in_process(model, structures[: max(8, count // 4)], 1)
+        print(
+            f"{kind:<10} {count:>5} {served:>11.1f} {served * atoms:>9.0f} {batch:>6.1f} "
+            f"{busy:>5.0%} {batched:>9.1f} {single:>9.1f} "
+            f"{served / batched:>10.2f} {served / single:>10.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

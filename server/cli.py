@@ -1,0 +1,148 @@
+"""``crossfield serve``: run the inference server until SIGTERM or SIGINT.
+
+Without ``--checkpoint`` it serves the project's default model under the name ``default``
+(until a trained one ships, a deterministic randomly initialised model, labelled so in its
+metadata). This module imports nothing heavy until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _CheckpointAction(argparse.Action):
+    """``--checkpoint PATH`` starts a new entry; a following ``--name`` names it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        entries = list(getattr(namespace, "checkpoints", None) or [])
+        if option_string == "--checkpoint":
+            entries.append([values, None])
+        elif not entries or entries[-1][1] is not None:
+            parser.error("--name must follow the --checkpoint it names")
+        else:
+            entries[-1][1] = values
+        namespace.checkpoints = entries
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the gRPC inference server",
+        description="Serve Crossfield models over gRPC (crossfield.v1.Inference), with "
+        "health checking, reflection and Prometheus metrics on a separate port.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        action=_CheckpointAction,
+        dest="checkpoints",
+        help="Crossfield checkpoint to serve (repeatable); default: the default model",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        action=_CheckpointAction,
+        dest="checkpoints",
+        help="model name for the preceding --checkpoint (default: file stem)",
+    )
+    parser.add_argument("--host", default="[::]", help="gRPC listen address (default: all)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus port; 0 picks a free one, -1 disables",
+    )
+    parser.add_argument("--max-batch-atoms", type=int, default=4096, help="atom budget of a batch")
+    parser.add_argument(
+        "--max-batch-edges", type=int, default=131072, help="edge budget of a batch"
+    )
+    parser.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        help="longest a structure waits for batch-mates (ms)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=4096,
+        help="structures queued per model before RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument("--max-atoms-per-structure", type=int, default=4096)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op CPU threads (default: torch's choice)",
+    )
+    parser.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds running calls get to finish on SIGTERM"
+    )
+    parser.set_defaults(func=run, checkpoints=[])
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from crossfield.model import load_checkpoint, read_checkpoint_metadata
+
+    from .app import InferenceServer, ServerConfig
+    from .batcher import BatchLimits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        dtype=getattr(torch, args.dtype),
+        limits=BatchLimits(
+            max_atoms=args.max_batch_atoms,
+            max_edges=args.max_batch_edges,
+            max_delay=args.max_delay_ms / 1000.0,
+            max_queue=args.max_queue,
+        ),
+        max_atoms_per_structure=args.max_atoms_per_structure,
+        max_workers=args.max_workers,
+        grace=args.grace,
+    )
+    if args.device:
+        config.device = args.device
+    server = InferenceServer(config)
+    if not args.checkpoints:
+        from crossfield.model.presets import default_model
+
+        model = default_model()
+        metadata = dict(getattr(model, "metadata", {}))
+        server.add_model(model, "default", str(metadata.get("version", "0")), metadata)
+    for path, name in args.checkpoints:
+        metadata = read_checkpoint_metadata(path)["metadata"]
+        version = str(metadata.get("version", "1"))
+        server.add_model(load_checkpoint(path), name or Path(path).stem, version, metadata)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    metrics = "off" if server.metrics_port is None else server.metrics_port
+    print(
+        f"crossfield serve: listening on port {server.port}, metrics on port {metrics}", flush=True
+    )
+    while not stop.wait(0.5):
+        pass
+    print("crossfield serve: shutting down (finishing queued work)", flush=True)
+    server.stop()
+    print("crossfield serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,46 @@
+"""Why a request failed, in our own terms.
+
+The batcher, runner and registry raise these; only ``service.py`` maps them to gRPC status
+codes, so everything below the service stays free of gRPC and testable on its own.
+Messages name the field that was wrong (``structure.positions: ...``).
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base class: ``code`` is the name of the gRPC status code it maps to."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgumentError(ServeError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFoundError(ServeError):
+    code = "NOT_FOUND"
+
+
+class QueueFullError(ServeError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(ServeError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class RequestCancelledError(ServeError):
+    code = "CANCELLED"
+
+
+class UnavailableError(ServeError):
+    code = "UNAVAILABLE"
+
+
+class ComputeError(ServeError):
+    code = "INTERNAL"

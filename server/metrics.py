@@ -1,0 +1,108 @@
+"""Every Prometheus metric of the server, defined in one place.
+
+Each server owns its own ``CollectorRegistry`` (several servers can live in one process,
+as in the tests) and exposes it over HTTP on its own port, apart from gRPC, so that
+scraping never competes with inference traffic for the gRPC thread pool.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Latencies from sub-millisecond (a water molecule on a GPU) to tens of seconds (a queue
+# backed up behind large crystals).
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STRUCTURE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ATOM_BUCKETS = (8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+class Metrics:
+    """The metric families; label values are model names, heads and status code names."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "crossfield_requests",
+            "Structures answered, by final status",
+            ["model", "head", "status"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "crossfield_queue_seconds",
+            "Time a structure waited in its model's queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "crossfield_compute_seconds",
+            "Time to evaluate one batch (graph to results)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "crossfield_request_seconds",
+            "Time from receiving a structure to its answer",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_structures = Histogram(
+            "crossfield_batch_structures",
+            "Structures per evaluated batch",
+            ["model"],
+            buckets=STRUCTURE_BUCKETS,
+            registry=r,
+        )
+        self.batch_atoms = Histogram(
+            "crossfield_batch_atoms",
+            "Atoms per evaluated batch",
+            ["model"],
+            buckets=ATOM_BUCKETS,
+            registry=r,
+        )
+        self.atoms = Counter(
+            "crossfield_atoms_evaluated",
+            "Atoms evaluated (rate() gives atoms/s)",
+            ["model", "head"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "crossfield_queue_depth", "Structures waiting in a model's queue", ["model"], registry=r
+        )
+        self.model_loaded = Gauge(
+            "crossfield_model_loaded",
+            "1 for every loaded model version",
+            ["model", "version", "dtype", "device"],
+            registry=r,
+        )
+        self.device_memory = Gauge(
+            "crossfield_device_memory_bytes",
+            "Accelerator memory allocated by tensors",
+            ["device"],
+            registry=r,
+        )
+
+    def serve_http(self, port: int, host: str = "0.0.0.0"):
+        """Start the exposition endpoint; returns the HTTP server (``server_port``,
+        ``shutdown()``). Port 0 picks a free port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,198 @@
+"""Evaluate batches of structures on one device and hand each structure its own result.
+
+One runner per device, with one thread: batches on a device run one after another (two
+concurrent batches would only fight over the same cores or GPU), while the batchers of all
+models on that device prepare their next graph in parallel. A batch that fails is split in
+halves and retried, down to single structures, so only the culprit gets an error; on a GPU
+this also turns an out-of-memory batch into smaller ones that fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from crossfield.model import CrossfieldMACE, GraphBatch, build_batch
+
+from .errors import ComputeError, InvalidArgumentError
+from .metrics import Metrics
+from .work import StructureResult, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """A batch ready to run: items of one model, and their graph when already built."""
+
+    model: CrossfieldMACE
+    label: str  # model name for metrics
+    items: list[WorkItem]
+    graph: GraphBatch | None = None
+
+
+def build_graph(
+    model: CrossfieldMACE, items: Sequence[WorkItem], device: torch.device
+) -> GraphBatch:
+    """Neighbour lists and the ragged batch for ``items``, in the model's dtype."""
+    config = model.config
+    return build_batch(
+        [item.request.structure for item in items],
+        config.elements,
+        config.r_max,
+        config.head_names,
+        dtype=model.dtype,
+        device=device,
+    )
+
+
+class Runner:
+    """Runs jobs on ``device`` in submission order, one at a time.
+
+    Batchers watch ``idle``: while the device is busy, a batch closed by its delay would
+    only wait, so they keep collecting and the batch grows instead (measured: 8 instead
+    of 5 structures per batch for 16 clients). A batch closed by a full budget is handed
+    over at once and waits in a one-job slot with its graph built, so graph building
+    overlaps the running batch.
+    """
+
+    def __init__(self, device: torch.device | str, metrics: Metrics) -> None:
+        self.device = torch.device(device)
+        self._metrics = metrics
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._pending = 0  # jobs submitted and not yet finished
+        self._listeners: list[Callable[[], None]] = []
+        self._thread = threading.Thread(
+            target=self._loop, name=f"runner-{self.device}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or waiting: a job submitted now starts at once."""
+        return self._pending == 0
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever the runner becomes idle (batchers wake up)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Finish the jobs already submitted, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            start = time.monotonic()
+            self._run(job.model, job.items, job.graph)
+            elapsed = time.monotonic() - start
+            self._record(job, elapsed)
+            with self._lock:
+                self._pending -= 1
+                listeners = list(self._listeners) if self._pending == 0 else []
+            for listener in listeners:
+                listener()
+
+    def _run(self, model: CrossfieldMACE, items: list[WorkItem], graph: GraphBatch | None) -> None:
+        start = time.monotonic()
+        try:
+            if graph is None:
+                graph = build_graph(model, items, self.device)
+            results = compute(model, graph, items)
+        except Exception as err:  # any failure: isolate the structure(s) responsible
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                log.warning("structure failed alone: %s: %s", type(err).__name__, err)
+                items[0].future.set_exception(
+                    ComputeError(f"evaluation failed: {type(err).__name__}: {err}")
+                )
+                return
+            half = len(items) // 2
+            self._run(model, items[:half], None)
+            self._run(model, items[half:], None)
+            return
+        elapsed = time.monotonic() - start
+        for item, result in zip(items, results):
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+                continue
+            result.queue_seconds = item.taken - item.enqueued
+            result.compute_seconds = elapsed
+            item.future.set_result(result)
+
+    def _record(self, job: Job, elapsed: float) -> None:
+        m = self._metrics
+        m.compute_seconds.labels(job.label).observe(elapsed)
+        m.batch_structures.labels(job.label).observe(len(job.items))
+        atoms = sum(item.request.num_atoms for item in job.items)
+        m.batch_atoms.labels(job.label).observe(atoms)
+        for item in job.items:
+            if item.future.exception() is None:
+                head = item.request.structure.head
+                m.atoms.labels(job.label, head).inc(item.request.num_atoms)
+        if self.device.type == "cuda":
+            m.device_memory.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
+
+
+def compute(
+    model: CrossfieldMACE, graph: GraphBatch, items: Sequence[WorkItem]
+) -> list[StructureResult | Exception]:
+    """Evaluate one batch and split the outputs per structure.
+
+    Forces and stress need a backward pass, so they are computed only when some structure
+    in the batch asked for them; a structure whose outputs are not finite (atoms on top of
+    each other) gets its own error without touching the others.
+    """
+    wanted = set().union(*(item.request.properties for item in items))
+    need_stress = "stress" in wanted
+    need_forces = need_stress or "forces" in wanted
+    with torch.set_grad_enabled(need_forces):
+        out = model(graph, compute_forces=need_forces, compute_stress=need_stress)
+    host = {
+        name: out[name].detach().to("cpu", torch.float64).numpy()
+        for name in ("energy", "node_energy", "forces", "stress")
+        if name in out
+    }
+    ptr = graph.ptr.tolist()
+    results: list[StructureResult | Exception] = []
+    for index, item in enumerate(items):
+        atoms = slice(ptr[index], ptr[index + 1])
+        properties = item.request.properties
+        energy = float(host["energy"][index])
+        forces = host["forces"][atoms] if need_forces else None
+        if not np.isfinite(energy) or (forces is not None and not np.isfinite(forces).all()):
+            results.append(
+                InvalidArgumentError(
+                    "structure.positions: the model gave non-finite results; "
+                    "are two atoms at the same position?"
+                )
+            )
+            continue
+        results.append(
+            StructureResult(
+                energy=energy if "energy" in properties else None,
+                forces=forces if "forces" in properties else None,
+                stress=host["stress"][index] if "stress" in properties else None,
+                atom_energies=host["node_energy"][atoms] if "atom_energies" in properties else None,
+            )
+        )
+    return results

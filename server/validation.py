@@ -1,0 +1,205 @@
+"""Turn a ComputeRequest into a checked structure, or say exactly which field is wrong.
+
+Everything that could make a batch fail is rejected here, before batching, so a bad
+structure is answered alone and never reaches its batch-mates: unknown model, version or
+head (NOT_FOUND); elements outside the model's table, misshaped or non-finite arrays, a
+singular periodic cell, an empty or too-large structure, a cell so small that the
+neighbour list would explode (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from crossfield.model import Structure
+from crossfield.v1 import inference_pb2
+from crossfield.v1.arrays import from_array
+
+from .errors import InvalidArgumentError, NotFoundError
+from .models import ServedModel
+from .work import CheckedRequest
+
+PROPERTY_NAMES = {
+    inference_pb2.PROPERTY_ENERGY: "energy",
+    inference_pb2.PROPERTY_FORCES: "forces",
+    inference_pb2.PROPERTY_STRESS: "stress",
+    inference_pb2.PROPERTY_ATOM_ENERGIES: "atom_energies",
+}
+DEFAULT_PROPERTIES = frozenset({"energy", "forces"})
+
+# No physical structure has more neighbours than this within a cutoff of a few Angstrom
+# (diamond, among the densest solids, has ~90 within 5 A). Beyond it the cell is almost
+# surely in the wrong unit, and the neighbour list would exhaust memory.
+MAX_NEIGHBOURS_PER_ATOM = 1000.0
+# Upper density for estimating the edges of molecules (atoms/A^3; ice is ~0.1): only used
+# to plan batches, never to reject.
+CONDENSED_DENSITY = 0.15
+
+
+def resolve_head(served: ServedModel, request: inference_pb2.ComputeRequest) -> str:
+    """The head the request names, or the model's default head (NOT_FOUND if unknown)."""
+    names = served.model.config.head_names
+    head = request.head or names[0]
+    if head not in names:
+        raise NotFoundError(f"head: model {served.name!r} has no head {head!r}; heads are {names}")
+    return head
+
+
+def check_request(
+    served: ServedModel, request: inference_pb2.ComputeRequest, head: str
+) -> CheckedRequest:
+    """Validate the structure and properties of ``request`` for model ``served``."""
+    config = served.model.config
+    properties = _properties(request)
+    if not request.HasField("structure"):
+        raise InvalidArgumentError("structure: missing")
+    message = request.structure
+    numbers = _numbers(message, served)
+    positions = _positions(message, len(numbers))
+    pbc = _pbc(message)
+    cell = _cell(message, pbc)
+    if "stress" in properties and not any(pbc):
+        raise InvalidArgumentError(
+            "properties: stress needs a periodic structure (set structure.pbc and structure.cell)"
+        )
+    neighbours = estimate_neighbours(len(numbers), cell, pbc, config.r_max)
+    if neighbours > MAX_NEIGHBOURS_PER_ATOM:
+        raise InvalidArgumentError(
+            f"structure.cell: ~{neighbours:.0f} neighbours per atom within the cutoff of "
+            f"{config.r_max} A (limit {MAX_NEIGHBOURS_PER_ATOM:.0f}); is the cell in Angstrom?"
+        )
+    structure = Structure(numbers=numbers, positions=positions, cell=cell, pbc=pbc, head=head)
+    return CheckedRequest(
+        structure=structure,
+        properties=properties,
+        num_atoms=len(numbers),
+        estimated_edges=max(1, int(neighbours * len(numbers))),
+    )
+
+
+def _properties(request: inference_pb2.ComputeRequest) -> frozenset[str]:
+    names = set()
+    for value in request.properties:
+        if value == inference_pb2.PROPERTY_UNSPECIFIED:
+            continue
+        if value not in PROPERTY_NAMES:
+            raise InvalidArgumentError(f"properties: unknown property value {value}")
+        names.add(PROPERTY_NAMES[value])
+    return frozenset(names) or DEFAULT_PROPERTIES
+
+
+def _decode(message, name: str) -> np.ndarray:
+    try:
+        return from_array(getattr(message, name), field=f"structure.{name}")
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from None
+
+
+def _numbers(message: inference_pb2.Structure, served: ServedModel) -> np.ndarray:
+    if not message.HasField("numbers"):
+        raise InvalidArgumentError("structure.numbers: missing")
+    numbers = _decode(message, "numbers")
+    if numbers.dtype.kind != "i":
+        raise InvalidArgumentError(
+            f"structure.numbers: must be INT32 or INT64, got {numbers.dtype}"
+        )
+    if numbers.ndim != 1:
+        raise InvalidArgumentError(
+            f"structure.numbers: must have shape [n], got {list(numbers.shape)}"
+        )
+    if numbers.size == 0:
+        raise InvalidArgumentError("structure.numbers: empty structure (no atoms)")
+    if numbers.size > served.max_atoms_per_structure:
+        raise InvalidArgumentError(
+            f"structure.numbers: {numbers.size} atoms exceed the limit of "
+            f"{served.max_atoms_per_structure} atoms per structure"
+        )
+    numbers = numbers.astype(np.int64)
+    in_range = (numbers >= 1) & (numbers <= 118)
+    allowed = np.zeros(numbers.shape, dtype=bool)
+    allowed[in_range] = served.element_allowed[numbers[in_range]]
+    if not allowed.all():
+        bad = int(numbers[np.argmin(allowed)])
+        raise InvalidArgumentError(
+            f"structure.numbers: element {bad} is not in the element table of model "
+            f"{served.name!r}: {served.model.config.elements}"
+        )
+    return numbers
+
+
+def _positions(message: inference_pb2.Structure, num_atoms: int) -> np.ndarray:
+    if not message.HasField("positions"):
+        raise InvalidArgumentError("structure.positions: missing")
+    positions = _decode(message, "positions")
+    if positions.dtype.kind != "f":
+        raise InvalidArgumentError(
+            f"structure.positions: must be FLOAT64 or FLOAT32, got {positions.dtype}"
+        )
+    if positions.shape != (num_atoms, 3):
+        raise InvalidArgumentError(
+            f"structure.positions: shape {list(positions.shape)} does not match "
+            f"[{num_atoms}, 3] for {num_atoms} atoms"
+        )
+    if not np.isfinite(positions).all():
+        raise InvalidArgumentError("structure.positions: contains NaN or infinite values")
+    return positions.astype(np.float64)
+
+
+def _pbc(message: inference_pb2.Structure) -> tuple[bool, bool, bool]:
+    if len(message.pbc) == 0:
+        return (False, False, False)
+    if len(message.pbc) != 3:
+        raise InvalidArgumentError(f"structure.pbc: needs 0 or 3 flags, got {len(message.pbc)}")
+    return (bool(message.pbc[0]), bool(message.pbc[1]), bool(message.pbc[2]))
+
+
+def _cell(message: inference_pb2.Structure, pbc: tuple[bool, bool, bool]) -> np.ndarray | None:
+    if not message.HasField("cell"):
+        if any(pbc):
+            raise InvalidArgumentError("structure.cell: missing, but structure.pbc is periodic")
+        return None
+    cell = _decode(message, "cell")
+    if cell.dtype.kind != "f":
+        raise InvalidArgumentError(f"structure.cell: must be FLOAT64 or FLOAT32, got {cell.dtype}")
+    if cell.shape != (3, 3):
+        raise InvalidArgumentError(
+            f"structure.cell: must have shape [3, 3], got {list(cell.shape)}"
+        )
+    if not np.isfinite(cell).all():
+        raise InvalidArgumentError("structure.cell: contains NaN or infinite values")
+    cell = cell.astype(np.float64)
+    periodic = cell[list(pbc)]
+    if len(periodic) and _covolume(periodic) < 1e-6 * max(
+        1.0, float(np.abs(periodic).max())
+    ) ** len(periodic):
+        raise InvalidArgumentError(
+            f"structure.cell: the periodic lattice vectors {periodic.tolist()} are singular "
+            "(zero length or linearly dependent)"
+        )
+    return cell
+
+
+def _covolume(vectors: np.ndarray) -> float:
+    """Length, area or volume spanned by 1, 2 or 3 lattice vectors: sqrt(det(Gram))."""
+    return math.sqrt(max(float(np.linalg.det(vectors @ vectors.T)), 0.0))
+
+
+def estimate_neighbours(
+    num_atoms: int, cell: np.ndarray | None, pbc: tuple[bool, bool, bool], r_max: float
+) -> float:
+    """Expected neighbours per atom within ``r_max``, for planning batches by edges.
+
+    Along k periodic directions the atoms of one cell repeat on a k-dimensional lattice,
+    so an atom sees about ``num_atoms * ball_k(r_max) / covolume_k`` others (exact on
+    average for bulk, an upper estimate for slabs and wires). A molecule sees at most all
+    other atoms, and no more than condensed matter packs into the cutoff sphere.
+    """
+    sphere = 4.0 / 3.0 * math.pi * r_max**3
+    molecule = min(num_atoms - 1.0, CONDENSED_DENSITY * sphere)
+    k = sum(pbc)
+    if k == 0 or cell is None:
+        return max(molecule, 0.0)
+    ball = {1: 2.0 * r_max, 2: math.pi * r_max**2, 3: sphere}[k]
+    return num_atoms * ball / _covolume(cell[list(pbc)])

@@ -1,0 +1,48 @@
+"""What travels through the server: a checked request, the work item that carries it
+from the service through a batcher to a runner, and the result that comes back."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crossfield.model import Structure
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed validation: what batching needs, nothing of gRPC."""
+
+    structure: Structure  # head resolved to a name of the model
+    properties: frozenset[str]  # subset of energy, forces, stress, atom_energies
+    num_atoms: int
+    estimated_edges: int
+
+
+@dataclass
+class StructureResult:
+    """The properties one structure asked for (float64 numpy), and where its time went."""
+
+    energy: float | None = None
+    forces: np.ndarray | None = None  # [n, 3] eV/A
+    stress: np.ndarray | None = None  # [3, 3] eV/A^3
+    atom_energies: np.ndarray | None = None  # [n] eV
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One structure on its way to a runner.
+
+    The future is the only channel back: the service waits on it (unary) or attaches a
+    callback (streams); cancelling it before the batcher takes the item drops the item.
+    """
+
+    request: CheckedRequest
+    deadline: float | None = None  # time.monotonic() after which nobody waits any more
+    future: Future = field(default_factory=Future)
+    enqueued: float = 0.0
+    taken: float = 0.0
