@@ -19,7 +19,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),
     "publish": ("crossfield.training.publish_cli", "publish a checkpoint into a model repository"),
     "import-mace": ("crossfield.model.import_cli", "convert a mace-torch .model file"),
-    "bench": ("crossfield.bench_cli", "run the benchmarks under bench/"),
 }
 
 
@@ -36,7 +35,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             try:
                 importlib.import_module(module).register(subparsers)
             except ModuleNotFoundError as err:
-                parser.error(f"'{name}' needs an optional dependency that is missing: {err.name}")
+                if err.name and err.name.startswith("crossfield"):
+                    raise
+                parser.error(
+                    f"'{name}' needs the optional dependency '{err.name}': "
+                    "pip install 'crossfield[server,train]'"
+                )
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
