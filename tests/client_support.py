@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+
 from crossfield.model import CrossfieldMACE, HeadConfig, ModelConfig, build_model
 from crossfield.server.app import InferenceServer, ServerConfig
 from crossfield.server.batcher import BatchLimits

@@ -18,6 +18,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.mep import NEB
 from ase.optimize import BFGS, FIRE
 from client_support import copper_crystal, free_port, running_server, small_model
+
 from crossfield.client import (
     Client,
     DeadlineExceededError,
@@ -59,7 +60,8 @@ def test_single_point_matches_in_process(model, remote) -> None:
         assert atoms.get_potential_energies().sum() == pytest.approx(energy, rel=1e-12)
     for got, want in zip(*values):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    assert remote.answered_by == ("small", "1", "pbe")
+    answer = remote.last_result
+    assert (answer.model, answer.version, answer.head) == ("small", "1", "pbe")
 
 
 def test_heads_give_different_energies(address, model) -> None:
