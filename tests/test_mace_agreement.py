@@ -88,7 +88,8 @@ def compare(mace_model, ours, heads, dtype=torch.float64):
     names = list(STRUCTURES)
     atoms = [STRUCTURES[n] for n in names]
     for head in heads:
-        reference, _ = mace_reference.evaluate_mace(mace_model, atoms, heads, [head] * len(atoms))
+        mace_heads = list(mace_model.heads)
+        reference, _ = mace_reference.evaluate_mace(mace_model, atoms, mace_heads, [head] * len(atoms))
         batch = build_batch(
             [Structure.from_atoms(a, head=head) for a in atoms],
             ours.config.elements,
@@ -97,7 +98,7 @@ def compare(mace_model, ours, heads, dtype=torch.float64):
             dtype,
         )
         out = ours(batch, compute_stress=True)
-        mace_virials = mace_reference.mace_virials(mace_model, atoms, heads, head)
+        mace_virials = mace_reference.mace_virials(mace_model, atoms, mace_heads, head)
         counts = np.array([len(a) for a in atoms])
         energy = np.abs(out["energy"].detach().numpy() - reference["energy"].numpy()) / counts
         worst["energy"] = max(worst["energy"], energy.max())
@@ -208,3 +209,34 @@ def test_refuses_non_mace_files(tmp_path):
     (tmp_path / "y.model").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot read"):
         read_mace_file(tmp_path / "y.model")
+
+
+def test_import_mace_command_publishes_a_version_with_selected_heads(tmp_path, capsys):
+    from crossfield.cli import main
+    from crossfield.model import load_checkpoint
+    from crossfield.model.repository import CHECKPOINT_NAME, list_versions, read_meta
+
+    model = mace_reference.make_mace_model(
+        ELEMENTS, HEADS, first="nonlinear", interaction="nonlinear", agnostic=True
+    )
+    torch.save(model, tmp_path / "mh.model")
+    repo = tmp_path / "repo"
+    argv = [
+        "import-mace",
+        str(tmp_path / "mh.model"),
+        "--out",
+        str(repo),
+        "--name",
+        "mh",
+        "--heads",
+        "wb97m,pbe",
+    ]
+    assert main(argv) == 0
+    assert "heads ['wb97m', 'pbe']" in capsys.readouterr().out
+    assert list_versions(repo, "mh") == [1]
+    assert read_meta(repo, "mh", 1)["heads"] == ["wb97m", "pbe"]
+    converted = load_checkpoint(repo / "mh" / "1" / CHECKPOINT_NAME)
+    worst = compare(model, converted, ["wb97m", "pbe"])
+    assert worst["energy"] < 1e-8 and worst["forces"] < 1e-7, worst
+    assert main(argv[:3] + ["--out", str(tmp_path / "x.pt"), "--heads", "nope"]) == 1
+    assert "unknown head 'nope'" in capsys.readouterr().err
