@@ -238,5 +238,5 @@ def test_import_mace_command_publishes_a_version_with_selected_heads(tmp_path, c
     converted = load_checkpoint(repo / "mh" / "1" / CHECKPOINT_NAME)
     worst = compare(model, converted, ["wb97m", "pbe"])
     assert worst["energy"] < 1e-8 and worst["forces"] < 1e-7, worst
-    assert main(argv[:3] + ["--out", str(tmp_path / "x.pt"), "--heads", "nope"]) == 1
+    assert main(argv[:2] + ["--out", str(tmp_path / "x.pt"), "--heads", "nope"]) == 1
     assert "unknown head 'nope'" in capsys.readouterr().err
