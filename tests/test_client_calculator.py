@@ -106,7 +106,7 @@ def test_langevin_with_the_same_seed_matches_in_process(model, remote) -> None:
     for calculator in (remote, CrossfieldCalculator(model, head="pbe")):
         atoms = copper_crystal()
         atoms.calc = calculator
-        Langevin(atoms, 2 * units.fs, temperature_K=500, friction=0.02,
+        Langevin(atoms, 2 * units.fs, temperature_K=500, friction=0.02, fixcm=False,
                  rng=np.random.default_rng(3)).run(20)
         runs.append(atoms.positions.copy())
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-9)
@@ -132,7 +132,7 @@ def test_fire_and_neb_images_share_one_client(model, address) -> None:
     final.positions[1:, 2] *= -1  # the umbrella inversion of ammonia
     with Client(address, head="pbe") as client:
         images = [initial] + [initial.copy() for _ in range(3)] + [final]
-        neb = NEB(images)
+        neb = NEB(images, method="improvedtangent")
         neb.interpolate()
         for image in images:
             image.calc = RemoteCalculator(client)

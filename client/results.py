@@ -1,0 +1,112 @@
+"""ASE ``Atoms`` to requests, and responses to ``Result``.
+
+Property names on this side are ASE's (``energies`` for per-atom energies); the wire
+names live in ``crossfield.v1.messages``. Stress is only ever asked for where it is
+defined (a periodic structure with a cell spanning 3D), so a screening file that mixes
+molecules and crystals can ask for stress once for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from crossfield.client.errors import CrossfieldError, error_for
+from crossfield.v1 import inference_pb2
+from crossfield.v1.messages import compute_request, response_results
+
+PROPERTIES = ("energy", "forces", "stress", "energies")
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_WIRE_NAMES = {
+    "energy": "energy", "forces": "forces", "stress": "stress", "energies": "atom_energies"
+}
+
+
+@dataclass
+class Result:
+    """What the server computed for one structure, or why it could not.
+
+    ``index`` is the structure's position in the input of ``compute_many``. Arrays are
+    float64: ``forces`` [n, 3] eV/A, ``stress`` [3, 3] eV/A^3 (ASE sign convention),
+    ``energies`` [n] eV. ``error`` is set (and the properties are None) when the structure
+    failed; ``model``, ``version`` and ``head`` say who answered.
+    """
+
+    index: int
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    energies: np.ndarray | None = None
+    model: str = ""
+    version: str = ""
+    head: str = ""
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    error: CrossfieldError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def check_properties(properties: Sequence[str]) -> tuple[str, ...]:
+    unknown = [p for p in properties if p not in PROPERTIES]
+    if unknown:
+        raise ValueError(f"properties: unknown {unknown}; choose from {list(PROPERTIES)}")
+    return tuple(dict.fromkeys(properties))
+
+
+def has_volume(atoms) -> bool:
+    """Whether stress is defined: some periodic direction and a cell that spans 3D."""
+    return bool(np.any(atoms.pbc)) and abs(float(np.linalg.det(atoms.cell.array))) > 1e-9
+
+
+def atoms_request(
+    atoms,
+    properties: Sequence[str],
+    *,
+    model: str = "",
+    version: str = "",
+    head: str = "",
+    id: str = "",
+) -> inference_pb2.ComputeRequest:
+    """A ComputeRequest for ``atoms``; molecules travel without cell and pbc."""
+    wanted = [p for p in properties if p != "stress" or has_volume(atoms)]
+    periodic = bool(np.any(atoms.pbc))
+    return compute_request(
+        atoms.numbers,
+        atoms.positions,
+        atoms.cell.array if periodic else None,
+        atoms.pbc if periodic else None,
+        model=model,
+        version=version,
+        head=head,
+        properties=[_WIRE_NAMES[p] for p in wanted],
+        id=id,
+    )
+
+
+def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> Result:
+    """A Result from a response; a non-OK streamed status becomes ``Result.error``."""
+    common = {
+        "index": index,
+        "model": response.model,
+        "version": response.version,
+        "head": response.head,
+        "queue_seconds": response.queue_seconds,
+        "compute_seconds": response.compute_seconds,
+    }
+    if response.HasField("status") and response.status.code != 0:
+        code = _CODE_NAMES.get(response.status.code, "UNKNOWN")
+        return Result(error=error_for(code, response.status.message), **common)
+    values = response_results(response)
+    return Result(
+        energy=values.get("energy"),
+        forces=values.get("forces"),
+        stress=values.get("stress"),
+        energies=values.get("atom_energies"),
+        **common,
+    )
