@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .mace import CrossfieldMACE
+from .mace import CrossfieldMACE, build_model
 
 FORMAT = "crossfield-checkpoint"
 FORMAT_VERSION = 1
@@ -79,18 +79,12 @@ def load_checkpoint(
     """Rebuild the model from its config and load the weights strictly."""
     payload = _read(path, map_location)
     config = ModelConfig.from_dict(payload["config"])
-    saved_dtype = getattr(torch, payload["dtype"])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(saved_dtype)
-    try:
-        model = CrossfieldMACE(config)
-    finally:
-        torch.set_default_dtype(previous)
+    # Built directly in the precision it will run in: e3nn's construction-time constants
+    # (path normalisations, Wigner tables) are then exact there; weights are cast on copy.
+    model = build_model(config, dtype=dtype or getattr(torch, payload["dtype"]))
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match the stored architecture: {err}") from err
     model.metadata = payload["metadata"]
-    if dtype is not None:
-        model = model.to(dtype)
     return model.to(map_location).eval()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import ModelConfig
-from .mace import CrossfieldMACE
+from .mace import CrossfieldMACE, build_model
 from .readout import LinearReadout, NonLinearReadout
 
 
@@ -29,7 +29,7 @@ def select_heads(model: CrossfieldMACE, names: Sequence[str]) -> CrossfieldMACE:
     new_config = ModelConfig.from_dict(
         {**config.to_dict(), "heads": [copy.deepcopy(config.heads[i]).__dict__ for i in index]}
     )
-    selected = CrossfieldMACE(new_config).to(model.dtype)
+    selected = build_model(new_config, dtype=model.dtype)
     state = model.state_dict()
     rows = torch.tensor(index)
     state["e0s"], state["scale"], state["shift"] = (

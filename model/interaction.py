@@ -50,13 +50,17 @@ def convolution_irreps(
     return irreps_out, instructions
 
 
-def to_channels(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
-    """[N, mul_ir flat] -> [N, C, sum(2l+1)] for irreps that share one multiplicity C."""
+def to_channels(x: torch.Tensor, blocks: list[tuple[int, int]]) -> torch.Tensor:
+    """[N, mul_ir flat] -> [N, C, sum(2l+1)] for (mul, 2l+1) blocks of one multiplicity C.
+
+    Blocks are plain ints rather than an ``o3.Irreps``: torch.compile guards on what the
+    forward pass reads, and it cannot guard on e3nn's Irrep tuples.
+    """
     n = x.shape[0]
     parts, start = [], 0
-    for mul, ir in irreps:
-        parts.append(x[:, start : start + mul * ir.dim].reshape(n, mul, ir.dim))
-        start += mul * ir.dim
+    for mul, dim in blocks:
+        parts.append(x[:, start : start + mul * dim].reshape(n, mul, dim))
+        start += mul * dim
     return torch.cat(parts, dim=-1)
 
 
@@ -98,6 +102,7 @@ class InteractionBlock(torch.nn.Module):
         self.node_feats_irreps = node_feats_irreps
         self.node_attrs_irreps = node_attrs_irreps
         self.target_irreps = target_irreps
+        self.target_blocks = [(mul, ir.dim) for mul, ir in target_irreps]
         self.hidden_irreps = hidden_irreps
         self.edge_irreps = edge_irreps if edge_irreps is not None else node_feats_irreps
         self.avg_num_neighbors = avg_num_neighbors
@@ -178,7 +183,7 @@ class _SumNormalisedBlock(InteractionBlock):
             message = self.linear(message) / self.avg_num_neighbors
         if not self.residual:
             message = self.skip(message, node_attrs)
-        return to_channels(message, self.target_irreps), skip
+        return to_channels(message, self.target_blocks), skip
 
 
 class PlainInteraction(_SumNormalisedBlock):
@@ -262,7 +267,7 @@ class NonLinearInteraction(InteractionBlock):
         message = self.convolve(up, edge_attrs, tp_weights, edge_index)
         message = self.linear_message(message) / (density * self.beta + self.alpha) + residual
         message = self.linear_out(self.gate(message))
-        return to_channels(message, self.target_irreps), skip
+        return to_channels(message, self.target_blocks), skip
 
 
 INTERACTIONS: dict[str, type[InteractionBlock]] = {

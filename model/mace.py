@@ -233,10 +233,22 @@ class CrossfieldMACE(torch.nn.Module):
             return self.forward(batch, compute_forces=False, return_descriptors=True)["descriptors"]
 
 
-def build_model(config: ModelConfig, seed: int | None = None) -> CrossfieldMACE:
-    """A freshly initialised model; ``seed`` makes the initialisation reproducible."""
-    if seed is None:
-        return CrossfieldMACE(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CrossfieldMACE(config)
+def build_model(
+    config: ModelConfig, seed: int | None = None, dtype: torch.dtype | None = None
+) -> CrossfieldMACE:
+    """A freshly initialised model; ``seed`` makes the initialisation reproducible.
+
+    The model is constructed with ``dtype`` as the default dtype, so constants computed at
+    construction (coupling tensors, Bessel frequencies) are exact in that precision rather
+    than rounded through float32 and converted.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return CrossfieldMACE(config).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)

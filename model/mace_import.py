@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import HeadConfig, ModelConfig
-from .mace import CrossfieldMACE
+from .mace import CrossfieldMACE, build_model
 
 INTERACTION_CLASSES = {
     "RealAgnosticInteractionBlock": "plain",
@@ -305,12 +305,7 @@ def convert_mace(model: Any, dtype: torch.dtype = torch.float64) -> CrossfieldMA
     """A Crossfield model with the mace-torch model's architecture and weights."""
     config = config_from_mace(model)
     source = mace_state_dict(model)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        ours = CrossfieldMACE(config)
-    finally:
-        torch.set_default_dtype(previous)
+    ours = build_model(config, dtype=dtype)
     state = ours.state_dict()
     missing = []
     for key in list(state):

@@ -82,6 +82,6 @@ def default_model(dtype: torch.dtype = torch.float32) -> CrossfieldMACE:
         for name, level in (MH1_HEADS[0], MH1_HEADS[1], MH1_HEADS[3])
     ]
     config = mh1_config(DEFAULT_ELEMENTS, heads=heads, channels=16, r_max=5.0)
-    model = build_model(config, seed=0).to(dtype).eval()
+    model = build_model(config, seed=0, dtype=dtype).eval()
     model.metadata = {"name": "default", "version": "random-init", "trained": False}
     return model

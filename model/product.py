@@ -52,22 +52,34 @@ class SymmetricContraction(torch.nn.Module):
     def coupling(self, degree: int) -> torch.Tensor:
         return getattr(self, f"U_{degree}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        """Adopt the coupling basis stored in the checkpoint.
+    def set_coupling(self, degree: int, coupling: torch.Tensor) -> None:
+        """Adopt another (equally valid) coupling basis for one degree.
 
-        Coupling tensors are data, not code: a checkpoint may carry another (equally valid)
-        basis, e.g. mace-torch's non-reduced one, with its own number of paths K. The
-        buffers and weights are resized to match before the usual strict copy.
+        Coupling tensors are data, not code: a checkpoint or a foundation model may carry
+        another basis, e.g. mace-torch's non-reduced one with its own number of paths K.
+        When K changes, the weights of that degree are re-initialised at the new shape.
         """
+        current = self.coupling(degree)
+        self.register_buffer(f"U_{degree}", coupling.detach().to(current).clone())
+        weight = self.weights[degree - 1]
+        k = coupling.shape[-1]
+        if weight.shape[1] != k:
+            shape = (weight.shape[0], k, weight.shape[2])
+            fresh = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+            self.weights[degree - 1] = torch.nn.Parameter(fresh / max(k, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Adopt the coupling basis stored in the checkpoint before the strict copy."""
         for degree in range(1, self.correlation + 1):
-            stored = state_dict.get(f"{prefix}U_{degree}")
-            if stored is not None and stored.shape != self.coupling(degree).shape:
-                current = self.coupling(degree)
-                self.register_buffer(f"U_{degree}", current.new_zeros(stored.shape))
-                weight = self.weights[degree - 1]
-                self.weights[degree - 1] = torch.nn.Parameter(
-                    weight.new_zeros(weight.shape[0], stored.shape[-1], weight.shape[2])
-                )
+            key = f"{prefix}U_{degree}"
+            stored, current = state_dict.get(key), self.coupling(degree)
+            if stored is None:
+                continue
+            if stored.shape != current.shape:
+                self.set_coupling(degree, stored)
+            elif torch.equal(stored, current.to(stored.dtype)):
+                # Our own basis saved in lower precision: keep the exact one we computed.
+                state_dict[key] = current
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(

@@ -1,13 +1,23 @@
 """``crossfield serve``: run the inference server until SIGTERM or SIGINT.
 
-Without ``--checkpoint`` it serves the project's default model under the name ``default``
-(until a trained one ships, a deterministic randomly initialised model, labelled so in its
-metadata). This module imports nothing heavy until the command runs.
+``--repo PATH`` serves a model repository and follows it (new versions hot-load, see
+``repository.py``); ``--checkpoint`` serves fixed files; with neither it serves the
+project's default model under the name ``default`` (until a trained one ships, a
+deterministic randomly initialised model, labelled so in its metadata).
+
+Tokens come from ``$CROSSFIELD_TOKEN`` and ``$CROSSFIELD_ADMIN_TOKEN`` (or the flags, which
+other users of the machine can read in the process list) and are never printed. This
+module imports nothing heavy until the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+TOKEN_VARIABLE = "CROSSFIELD_TOKEN"
+ADMIN_TOKEN_VARIABLE = "CROSSFIELD_ADMIN_TOKEN"
 
 
 class _CheckpointAction(argparse.Action):
@@ -44,6 +54,25 @@ def register(subparsers) -> None:
         action=_CheckpointAction,
         dest="checkpoints",
         help="model name for the preceding --checkpoint (default: file stem)",
+    )
+    parser.add_argument(
+        "--repo",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="model repository to serve and follow (REPO/NAME/VERSION/model.pt)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=10.0,
+        help="seconds between repository scans; 0: scan at start and on admin calls only",
+    )
+    parser.add_argument(
+        "--version-policy",
+        default="latest",
+        help="versions to serve of models without REPO/NAME/config.json: latest, latest:N, "
+        "all, specific:V1,V2 (default: latest)",
     )
     parser.add_argument("--host", default="[::]", help="gRPC listen address (default: all)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
@@ -82,6 +111,38 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--grace", type=float, default=30.0, help="seconds running calls get to finish on SIGTERM"
     )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest gRPC message received or sent (default 16 MiB)",
+    )
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
+    security.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA (PEM) that signs client certificates: requires mutual TLS",
+    )
+    security.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token clients must send (default: ${TOKEN_VARIABLE}; prefer the variable)",
+    )
+    security.add_argument(
+        "--admin-token",
+        default=None,
+        help=f"bearer token for Admin RPCs (default: ${ADMIN_TOKEN_VARIABLE}); without one, "
+        "admin RPCs are refused",
+    )
+    security.add_argument(
+        "--max-calls-per-client",
+        type=int,
+        default=0,
+        help="calls in flight per client address before RESOURCE_EXHAUSTED (0: no limit)",
+    )
     parser.set_defaults(func=run, checkpoints=[])
 
 
@@ -89,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
     import threading
-    from pathlib import Path
 
     import torch
 
@@ -97,6 +157,27 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import InferenceServer, ServerConfig
     from .batcher import BatchLimits
+    from .repository import VersionPolicy
+    from .security import SecurityConfig
+
+    if args.repo is not None and args.checkpoints:
+        raise SystemExit("crossfield serve: --repo and --checkpoint exclude each other")
+    try:
+        VersionPolicy.parse(args.version_policy)
+        security = SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token=args.token or os.environ.get(TOKEN_VARIABLE) or None,
+            admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
+            max_calls_per_client=args.max_calls_per_client,
+        )
+        if security.tls:
+            security.credentials()  # unreadable files fail now, not at the first call
+    except ValueError as err:
+        raise SystemExit(f"crossfield serve: {err}") from None
+    if args.repo is not None and not args.repo.is_dir():
+        raise SystemExit(f"crossfield serve: --repo: {args.repo} is not a folder")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,11 +198,16 @@ def run(args: argparse.Namespace) -> int:
         max_atoms_per_structure=args.max_atoms_per_structure,
         max_workers=args.max_workers,
         grace=args.grace,
+        max_message_bytes=args.max_message_bytes,
+        security=security,
+        repository=args.repo,
+        poll_interval=args.poll_interval,
+        version_policy=args.version_policy,
     )
     if args.device:
         config.device = args.device
     server = InferenceServer(config)
-    if not args.checkpoints:
+    if args.repo is None and not args.checkpoints:
         from crossfield.model.presets import default_model
 
         model = default_model()

@@ -44,3 +44,9 @@ class UnavailableError(ServeError):
 
 class ComputeError(ServeError):
     code = "INTERNAL"
+
+
+class FailedPreconditionError(ServeError):
+    """The system is not in a state to do this, e.g. a model version that cannot load."""
+
+    code = "FAILED_PRECONDITION"

@@ -94,6 +94,24 @@ class Metrics:
             ["model", "version", "dtype", "device"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "crossfield_model_loads",
+            "Model versions loaded, warmed and switched in",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "crossfield_model_load_failures",
+            "Model versions refused: unreadable, partial, incompatible or failing warm-up",
+            ["model"],
+            registry=r,
+        )
+        self.rejected_calls = Counter(
+            "crossfield_rejected_calls",
+            "Calls refused before reaching a service: bad token or per-client limit",
+            ["status"],
+            registry=r,
+        )
         self.device_memory = Gauge(
             "crossfield_device_memory_bytes",
             "Accelerator memory allocated by tensors",

@@ -1,15 +1,17 @@
 """Loaded model versions by name: the seam between the service and model management.
 
 The service only asks ``ModelRegistry.resolve(name, version)`` for a ``ServedModel`` and
-submits work to its batcher. How versions arrive (the command line today, the hot-loading
-repository later) is the business of whoever calls ``add``/``remove``; replacing a
-version is an atomic switch of the registry's entry, and the old version's batcher drains
-what it already holds.
+submits work to its batcher. How versions arrive (the command line, or the hot-loading
+repository in ``repository.py``) is the business of whoever calls ``add``/``remove``;
+every change is one atomic update of the registry's map, and a removed version's batcher
+drains what it already holds (the caller closes it), so a batch always finishes on the
+version that started it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from crossfield.model import CrossfieldMACE, Structure, evaluate
 
 from .batcher import Batcher, BatchLimits
-from .errors import NotFoundError
+from .errors import NotFoundError, UnavailableError
 from .metrics import Metrics
 from .runner import Runner
 
@@ -49,6 +51,9 @@ class ServedModel:
         return str(next(self.model.buffers()).device)
 
 
+Prepare = Callable[[CrossfieldMACE], CrossfieldMACE]
+
+
 def serve_model(
     model: CrossfieldMACE,
     name: str,
@@ -59,54 +64,90 @@ def serve_model(
     dtype: torch.dtype,
     max_atoms_per_structure: int,
     metadata: dict[str, Any] | None = None,
+    prepare: Prepare | None = None,
 ) -> ServedModel:
-    """Put ``model`` on the runner's device in ``dtype``, warm it up and give it a batcher.
+    """Put ``model`` on the runner's device in ``dtype``, ``prepare`` it (the hook where a
+    compiled backend replaces the eager model), warm it up and give it a batcher.
 
-    The warm-up evaluates one tiny structure so that the first real request does not pay
-    for lazy initialisation.
+    Raises ``ValueError`` when the warm-up fails, before anything is visible to requests.
     """
     model = model.to(device=runner.device, dtype=dtype).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    element = model.config.elements[0]
-    evaluate(model, [Structure(np.array([element, element]), np.array([[0, 0, 0], [0, 0, 1.0]]))])
-    batcher = Batcher(model, name, runner, limits, metrics)
-    metrics.model_loaded.labels(
-        name, version, str(dtype).removeprefix("torch."), str(runner.device)
-    ).set(1)
-    return ServedModel(
+    if prepare is not None:
+        model = prepare(model)
+    warm_up(model)
+    served = ServedModel(
         name=name,
         version=version,
         model=model,
-        batcher=batcher,
+        batcher=Batcher(model, name, runner, limits, metrics),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=dict(metadata or {}),
     )
+    metrics.model_loaded.labels(name, version, served.dtype, served.device).set(1)
+    return served
+
+
+def retire(served: ServedModel, metrics: Metrics) -> None:
+    """Release a version taken out of the registry: its batcher runs what it already
+    holds (those batches finish on this version), then the model can be freed."""
+    served.batcher.close()
+    metrics.model_loaded.remove(served.name, served.version, served.dtype, served.device)
+
+
+def warm_up(model: CrossfieldMACE) -> None:
+    """Evaluate a tiny structure on every head and insist on finite energies and forces.
+
+    This is the test evaluation that a version must pass before it serves: it pays for
+    lazy initialisation (and compilation) up front, so the first real request does not,
+    and it refuses weights that load but produce garbage (NaN after a bad training step).
+    """
+    elements = model.config.elements[:3]
+    numbers = np.array([elements[i % len(elements)] for i in range(3)])
+    positions = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.1], [0.0, 1.05, -0.3]])
+    heads = model.config.head_names
+    results = evaluate(model, [Structure(numbers, positions, head=h) for h in heads])
+    for head, result in zip(heads, results):
+        if not (np.isfinite(result["energy"]).all() and np.isfinite(result["forces"]).all()):
+            raise ValueError(f"warm-up: head {head!r} gives non-finite energy or forces")
+
+
+def version_key(version: str) -> tuple[int, int, str]:
+    """Order of versions: numbers numerically (repository versions), after any names."""
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 class ModelRegistry:
-    """Thread-safe map name -> versions (in load order) with a latest version per name."""
+    """Thread-safe map name -> versions; the highest version answers version-less requests.
+
+    Versions compare with ``version_key`` (repository versions are integers, so the newest
+    is the largest).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._versions: dict[str, dict[str, ServedModel]] = {}
-        self._latest: dict[str, str] = {}
         self.default_name = ""
 
-    def add(self, served: ServedModel, latest: bool = True) -> None:
-        """Make ``served`` resolvable; with ``latest`` it answers version-less requests.
-        The first model added becomes the default model."""
+    def add(self, served: ServedModel, replace: bool = False) -> ServedModel | None:
+        """Make ``served`` resolvable; the first model added becomes the default model.
+
+        With ``replace``, an already loaded copy of the same version is swapped out in the
+        same step (a changed checkpoint) and returned for the caller to drain; without it,
+        a duplicate version is an error.
+        """
         with self._lock:
             versions = self._versions.setdefault(served.name, {})
-            if served.version in versions:
+            previous = versions.get(served.version)
+            if previous is not None and not replace:
                 raise ValueError(
                     f"model {served.name!r} version {served.version!r} is already loaded"
                 )
             versions[served.version] = served
-            if latest or served.name not in self._latest:
-                self._latest[served.name] = served.version
             if not self.default_name:
                 self.default_name = served.name
+            return previous
 
     def remove(self, name: str, version: str) -> ServedModel:
         """Take a version out of service; the caller closes its batcher (which drains)."""
@@ -116,42 +157,50 @@ class ModelRegistry:
             del versions[served.version]
             if not versions:
                 del self._versions[served.name]
-                del self._latest[served.name]
                 if self.default_name == served.name:
-                    self.default_name = next(iter(self._versions), "")
-            elif self._latest[served.name] == served.version:
-                self._latest[served.name] = list(versions)[-1]
+                    self.default_name = next(iter(sorted(self._versions)), "")
             return served
 
     def resolve(self, name: str = "", version: str = "") -> ServedModel:
         """The version a request names; empty name: the default model, empty version: the
-        latest. Raises NotFoundError naming the field (``model`` or ``version``)."""
+        latest. Raises NotFoundError naming the field (``model`` or ``version``), or
+        UnavailableError while nothing is loaded yet (a client should retry)."""
         with self._lock:
             return self._lookup(name, version)
+
+    def is_serving(self, served: ServedModel) -> bool:
+        """Whether ``served`` is still the loaded copy of its version (not retired)."""
+        with self._lock:
+            return self._versions.get(served.name, {}).get(served.version) is served
 
     def _lookup(self, name: str, version: str) -> ServedModel:
         name = name or self.default_name
         if name not in self._versions:
             if not self._versions:
-                raise NotFoundError("model: no model is loaded")
+                raise UnavailableError("model: no model is loaded yet")
             raise NotFoundError(
                 f"model: no model named {name!r}; loaded models: {sorted(self._versions)}"
             )
         versions = self._versions[name]
-        version = version or self._latest[name]
+        version = version or max(versions, key=version_key)
         if version not in versions:
             raise NotFoundError(
                 f"version: model {name!r} has no version {version!r}; "
-                f"loaded versions: {list(versions)}"
+                f"loaded versions: {sorted(versions, key=version_key)}"
             )
         return versions[version]
 
     def models(self) -> list[ServedModel]:
         """Every loaded version, by name, oldest version first."""
         with self._lock:
-            return [s for name in sorted(self._versions) for s in self._versions[name].values()]
+            return [
+                self._versions[name][version]
+                for name in sorted(self._versions)
+                for version in sorted(self._versions[name], key=version_key)
+            ]
 
     def versions(self, name: str) -> tuple[list[str], str]:
         """Loaded versions of ``name`` (oldest first) and the latest one."""
         with self._lock:
-            return list(self._versions.get(name, {})), self._latest.get(name, "")
+            versions = sorted(self._versions.get(name, {}), key=version_key)
+            return versions, versions[-1] if versions else ""

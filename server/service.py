@@ -24,7 +24,13 @@ from google.protobuf import struct_pb2
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
 from crossfield.v1.arrays import to_array
 
-from .errors import ComputeError, DeadlineExceededError, RequestCancelledError, ServeError
+from .errors import (
+    ComputeError,
+    DeadlineExceededError,
+    RequestCancelledError,
+    ServeError,
+    UnavailableError,
+)
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .validation import check_request, resolve_head
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NO_DEADLINE = 1e7  # seconds; a longer "deadline" is gRPC's way of saying there is none
 UNKNOWN = "-"  # metric label for a model or head that did not resolve (bounded cardinality)
+RESOLVE_ATTEMPTS = 5  # admissions racing with version switches before giving up
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -137,7 +144,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             yield message
 
     def ListModels(self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext):
-        models = [self._model_info(served) for served in self._registry.models()]
+        models = [model_info(served, self._registry) for served in self._registry.models()]
         return inference_pb2.ListModelsResponse(
             models=models, default_model=self._registry.default_name
         )
@@ -147,23 +154,38 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             served = self._registry.resolve(request.name, request.version)
         except ServeError as err:
             context.abort(_status(err), err.message)
-        return self._model_info(served)
+        return model_info(served, self._registry)
 
     # -- helpers --------------------------------------------------------------------------
     def _admit(self, request, deadline, wait, give_up=None) -> tuple[ServedModel, WorkItem]:
-        """Resolve, validate and queue one request; count it when it is refused."""
+        """Resolve, validate and queue one request; count it when it is refused.
+
+        A hot-load can retire the resolved version between ``resolve`` and ``submit``
+        (its batcher is then closed); the request is resolved again and goes to the
+        version that replaced it, so a switch of versions never fails a request.
+        """
         model_label = head_label = UNKNOWN
         try:
-            served = self._registry.resolve(request.model, request.version)
-            model_label = served.name
-            head_label = resolve_head(served, request)
-            checked = check_request(served, request, head_label)
-            item = WorkItem(checked, deadline=deadline)
-            served.batcher.submit(item, wait=wait, give_up=give_up)
+            for _ in range(RESOLVE_ATTEMPTS):
+                served = self._registry.resolve(request.model, request.version)
+                model_label = served.name
+                head_label = resolve_head(served, request)
+                checked = check_request(served, request, head_label)
+                item = WorkItem(checked, deadline=deadline)
+                try:
+                    served.batcher.submit(item, wait=wait, give_up=give_up)
+                except UnavailableError:
+                    if self._registry.is_serving(served):
+                        raise  # the server itself is stopping
+                    continue
+                return served, item
+            raise UnavailableError(
+                f"model {model_label!r}: versions changed {RESOLVE_ATTEMPTS} times while "
+                "admitting this request; retry"
+            )
         except ServeError as err:
             self._metrics.requests.labels(model_label, head_label, err.code).inc()
             raise
-        return served, item
 
     def _count(self, model: str, item: WorkItem, status: str, received: float) -> None:
         self._metrics.requests.labels(model, item.request.structure.head, status).inc()
@@ -187,27 +209,29 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self._count(served.name, item, error.code, received)
         return _error_response(request.id, error)
 
-    def _model_info(self, served: ServedModel) -> inference_pb2.ModelInfo:
-        versions, latest = self._registry.versions(served.name)
-        config = served.model.config
-        heads = [
-            inference_pb2.HeadInfo(name=h.name, level_of_theory=_struct(h.level_of_theory))
-            for h in config.heads
-        ]
-        return inference_pb2.ModelInfo(
-            name=served.name,
-            version=served.version,
-            latest=served.version == latest,
-            versions=versions,
-            heads=heads,
-            default_head=config.head_names[0],
-            elements=config.elements,
-            cutoff=config.r_max,
-            dtype=served.dtype,
-            device=served.device,
-            max_atoms_per_structure=served.max_atoms_per_structure,
-            metadata=_struct(served.metadata),
-        )
+
+def model_info(served: ServedModel, registry: ModelRegistry) -> inference_pb2.ModelInfo:
+    """What a client needs to know about one loaded version."""
+    versions, latest = registry.versions(served.name)
+    config = served.model.config
+    heads = [
+        inference_pb2.HeadInfo(name=h.name, level_of_theory=_struct(h.level_of_theory))
+        for h in config.heads
+    ]
+    return inference_pb2.ModelInfo(
+        name=served.name,
+        version=served.version,
+        latest=served.version == latest,
+        versions=versions,
+        heads=heads,
+        default_head=config.head_names[0],
+        elements=config.elements,
+        cutoff=config.r_max,
+        dtype=served.dtype,
+        device=served.device,
+        max_atoms_per_structure=served.max_atoms_per_structure,
+        metadata=_struct(served.metadata),
+    )
 
 
 def encode_result(

@@ -39,7 +39,7 @@ def small_model(seed: int = 0) -> CrossfieldMACE:
         radial_mlp=[16, 16],
         avg_num_neighbors=8.0,
     )
-    return build_model(config, seed=seed).double()
+    return build_model(config, seed=seed, dtype=torch.float64)
 
 
 @contextmanager

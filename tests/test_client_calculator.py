@@ -82,9 +82,9 @@ def _nve(calculator, steps: int) -> tuple[np.ndarray, np.ndarray]:
     atoms.calc = calculator
     energies = []
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    dynamics.attach(lambda: energies.append(
-        (atoms.get_potential_energy(), atoms.get_kinetic_energy())
-    ))
+    dynamics.attach(
+        lambda: energies.append((atoms.get_potential_energy(), atoms.get_kinetic_energy()))
+    )
     dynamics.run(steps)
     return atoms.positions.copy(), np.array(energies)
 
@@ -106,8 +106,14 @@ def test_langevin_with_the_same_seed_matches_in_process(model, remote) -> None:
     for calculator in (remote, CrossfieldCalculator(model, head="pbe")):
         atoms = copper_crystal()
         atoms.calc = calculator
-        Langevin(atoms, 2 * units.fs, temperature_K=500, friction=0.02, fixcm=False,
-                 rng=np.random.default_rng(3)).run(20)
+        Langevin(
+            atoms,
+            2 * units.fs,
+            temperature_K=500,
+            friction=0.02,
+            fixcm=False,
+            rng=np.random.default_rng(3),
+        ).run(20)
         runs.append(atoms.positions.copy())
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-9)
 

@@ -37,11 +37,25 @@ def test_compute_500_structures_matches_in_process(model, address, tmp_path: Pat
         structures[index].numbers[0] = number
     source, target = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
     ase.io.write(source, structures, format="extxyz")
-    status = main([
-        "compute", str(source), "--out", str(target), "--server", address, "--model", "small",
-        "--head", "r2scan", "--properties", "energy,forces,stress,energies", "--no-progress",
-        "--max-in-flight", "64",
-    ])
+    status = main(
+        [
+            "compute",
+            str(source),
+            "--out",
+            str(target),
+            "--server",
+            address,
+            "--model",
+            "small",
+            "--head",
+            "r2scan",
+            "--properties",
+            "energy,forces,stress,energies",
+            "--no-progress",
+            "--max-in-flight",
+            "64",
+        ]
+    )
     assert status == 1  # some structures failed, and the run still finished
     summary = capsys.readouterr().out
     assert "500 structures" in summary and "2 failed" in summary and "structures/s" in summary
@@ -74,10 +88,24 @@ def test_command_reads_any_ase_format(model, address, tmp_path: Path, name: str,
     crystal = bulk("Cu", "fcc", a=3.6, cubic=True)
     crystal.rattle(0.02, seed=4)
     ase.io.write(tmp_path / name, crystal, format=format)
-    command = [sys.executable, "-m", "crossfield.cli", "compute", str(tmp_path / name),
-               "--out", str(tmp_path / "out.xyz"), "--server", address]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    command = [
+        sys.executable,
+        "-m",
+        "crossfield.cli",
+        "compute",
+        str(tmp_path / name),
+        "--out",
+        str(tmp_path / "out.xyz"),
+        "--server",
+        address,
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr
     assert "1 structures, 4 atoms" in done.stdout and "0 failed" in done.stdout
     [written] = ase.io.read(tmp_path / "out.xyz", index=":")
@@ -90,7 +118,16 @@ def test_unreachable_server_stops_with_a_clear_message(tmp_path: Path, capsys) -
 
     source = tmp_path / "in.extxyz"
     ase.io.write(source, mixed_structures(3), format="extxyz")
-    status = main(["compute", str(source), "--out", str(tmp_path / "out.xyz"),
-                   "--server", f"127.0.0.1:{free_port()}", "--no-progress"])
+    status = main(
+        [
+            "compute",
+            str(source),
+            "--out",
+            str(tmp_path / "out.xyz"),
+            "--server",
+            f"127.0.0.1:{free_port()}",
+            "--no-progress",
+        ]
+    )
     assert status == 2
     assert "UNAVAILABLE" in capsys.readouterr().err

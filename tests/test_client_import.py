@@ -60,7 +60,9 @@ def address():
 def test_client_works_without_torch(address, tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH + USE_THE_CLIENT, address, str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 0, done.stderr

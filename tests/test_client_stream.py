@@ -55,9 +55,11 @@ def test_compute_many_in_order_with_failures_reported(model, two_servers) -> Non
     for index, number in bad.items():
         structures[index].numbers[0] = number
     with Client(two_servers[0], head="r2scan") as client:
-        results = list(client.compute_many(
-            structures, ["energy", "forces", "stress", "energies"], max_in_flight=8
-        ))
+        results = list(
+            client.compute_many(
+                structures, ["energy", "forces", "stress", "energies"], max_in_flight=8
+            )
+        )
     assert [r.index for r in results] == list(range(len(structures)))
     good = [i for i in range(len(structures)) if i not in bad]
     expected = reference(model, [structures[i] for i in good], head="r2scan")

@@ -89,7 +89,9 @@ def compare(mace_model, ours, heads, dtype=torch.float64):
     atoms = [STRUCTURES[n] for n in names]
     for head in heads:
         mace_heads = list(mace_model.heads)
-        reference, _ = mace_reference.evaluate_mace(mace_model, atoms, mace_heads, [head] * len(atoms))
+        reference, _ = mace_reference.evaluate_mace(
+            mace_model, atoms, mace_heads, [head] * len(atoms)
+        )
         batch = build_batch(
             [Structure.from_atoms(a, head=head) for a in atoms],
             ours.config.elements,

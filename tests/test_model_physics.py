@@ -53,7 +53,7 @@ def small_config(**overrides) -> ModelConfig:
 
 
 def make_model(seed: int = 0, **overrides):
-    model = build_model(small_config(**overrides), seed=seed).double()
+    model = build_model(small_config(**overrides), seed=seed, dtype=torch.float64)
     # Move parameters that start at constants (alpha, beta, LayerNorm) off their defaults,
     # and scale scale/shift per head, so the tests see every term of the energy.
     with torch.no_grad():

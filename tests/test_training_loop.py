@@ -67,7 +67,7 @@ def foundation(data):
 def test_training_reduces_force_error_by_a_large_factor(data, foundation):
     model = load_checkpoint(foundation["path"])
     # the same architecture and statistics, untrained
-    untrained = build_model(model.config, seed=0).double()
+    untrained = build_model(model.config, seed=0, dtype=torch.float64)
     before, _ = errors(untrained, data["valid"], "pt_head")
     after, _ = errors(model, data["valid"], "pt_head")
     assert after < before / 8, (before, after)

@@ -42,7 +42,7 @@ def _source(interaction: str, product: str) -> torch.nn.Module:
         interaction=interaction,
         product=product,
     )
-    model = build_model(config, seed=1).double()
+    model = build_model(config, seed=1, dtype=torch.float64)
     with torch.no_grad():  # move every weight off its initial value so copies are visible
         generator = torch.Generator().manual_seed(2)
         for parameter in model.parameters():

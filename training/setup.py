@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from crossfield.model import CrossfieldMACE, HeadConfig, ModelConfig, build_model
 from crossfield.training.config import HeadDataConfig, TrainConfig
 from crossfield.training.data import (
@@ -96,4 +98,5 @@ def build_initial_model(config: TrainConfig, heads: list[HeadData]) -> Crossfiel
         log.info("average number of neighbours: %.4f", options["avg_num_neighbors"])
     head_configs = [head_config(hc, hd, elements, config) for hc, hd in zip(config.heads, heads)]
     model_config = ModelConfig.from_dict({**options, "elements": elements, "heads": head_configs})
-    return build_model(model_config, seed=config.seed)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    return build_model(model_config, seed=config.seed, dtype=dtype)

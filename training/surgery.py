@@ -59,7 +59,7 @@ def transplant(
         source.config.elements.index(z) if z in source.config.elements else None
         for z in config.elements
     ]
-    target = build_model(config, seed=seed).to(dtype=source.dtype, device=source.e0s.device)
+    target = build_model(config, seed=seed, dtype=source.dtype).to(device=source.e0s.device)
     with torch.no_grad():
         for name, module in target.named_modules():
             origin = source.get_submodule(name)
@@ -163,6 +163,9 @@ def _copy_contraction(
     element_index: list[int | None],
     agnostic: bool,
 ) -> None:
+    # The source's coupling basis comes along (e.g. mace-torch's, for imported foundations).
+    for degree in range(1, source.correlation + 1):
+        target.set_coupling(degree, source.coupling(degree))
     for weight_t, weight_s in zip(target.weights, source.weights):
         if agnostic:
             weight_t.copy_(weight_s)  # one table shared by all elements

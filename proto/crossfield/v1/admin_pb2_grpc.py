@@ -57,13 +57,20 @@ class AdminServicer:
     """
 
     def LoadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Load and warm a version now, even one refused before. A version named explicitly stays
+        loaded beside the versions of the model's policy until it is unloaded. NOT_FOUND when
+        the repository has no such model or version; FAILED_PRECONDITION, with the reason,
+        when the version cannot be served (the serving versions stay).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop serving a version (or all versions) until LoadModel names it again; polling does
+        not bring it back. Unloading the newest version of a "latest" policy rolls back to the
+        next one, which is loaded before the other leaves. NOT_FOUND when not loaded.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

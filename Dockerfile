@@ -1,0 +1,56 @@
+# Crossfield inference server on one CUDA GPU.
+#
+#   docker build -t crossfield:0.1.0 .
+#   docker run --gpus all -p 50051:50051 -p 9090:9090 -v /srv/models:/models:ro crossfield:0.1.0
+#
+# The base image brings Python, CUDA, cuDNN and a CUDA build of torch; the server's
+# dependencies are installed around it (torch is pinned to the base's build so that pip
+# never replaces it with another wheel). See deploy/README.md.
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Only what the wheel is built from (.dockerignore keeps the rest out of the context).
+WORKDIR /tmp/crossfield-src
+COPY pyproject.toml README.md ./
+COPY crossfield/ crossfield/
+COPY model/ model/
+COPY training/ training/
+COPY server/ server/
+COPY client/ client/
+COPY proto/ proto/
+
+RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/torch-constraint.txt \
+    && python -m pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[server]" \
+    && python -c 'import crossfield.server.app, grpc_health.v1.health' \
+    && rm -rf /tmp/crossfield-src /tmp/torch-constraint.txt
+
+# A fixed numeric uid so that Kubernetes' runAsNonRoot can verify it.
+RUN groupadd --gid 10001 crossfield \
+    && useradd --uid 10001 --gid crossfield --create-home --shell /usr/sbin/nologin crossfield \
+    && install -d -o root -g root -m 0755 /models
+
+COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/crossfield-healthcheck
+
+WORKDIR /home/crossfield
+USER 10001:10001
+
+# The model repository (<repo>/<model>/<version>/{model.pt, meta.json}); mount it read-only.
+VOLUME ["/models"]
+
+# gRPC (crossfield.v1.Inference, health, reflection) and Prometheus metrics.
+EXPOSE 50051 9090
+
+# Through the gRPC health service, as load balancers see it; the start period covers
+# loading and warming the models. A server with TLS needs CROSSFIELD_HEALTH_CA etc.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "/usr/local/bin/crossfield-healthcheck"]
+
+ENTRYPOINT ["crossfield", "serve", "--repo", "/models"]
+CMD ["--port", "50051", "--metrics-port", "9090"]

@@ -1,0 +1,410 @@
+"""Serve what a model repository holds, and follow it while it changes.
+
+The layout is ``crossfield.model.repository``'s: ``<repo>/<name>/<version>/model.pt`` with
+``meta.json``, integer versions, hidden staging folders. Which versions of a model are
+served is its *version policy*: ``latest`` (the default), ``latest:N``, ``all`` or
+``specific:1,3``, set for every model on the command line and per model in
+``<repo>/<name>/config.json`` as ``{"version_policy": "latest:2"}``.
+
+A scan (every ``poll_interval`` seconds, and on the Admin RPCs) compares the policy's
+versions with what is loaded. A version to add is read (``weights_only``, its sha256
+checked against ``meta.json``), moved to the device, prepared and warmed by a test
+evaluation, all in the scanning thread while the current versions keep serving; only then
+does it enter the registry, in one atomic step. A version to drop leaves the registry first
+and is released after its batcher drains, so batches in flight finish on the version that
+started them. A changed checkpoint of a loaded version is reloaded the same way.
+
+A version that cannot be served (missing or truncated file, foreign or newer format,
+weights that do not fit their architecture, a digest mismatch, a failing warm-up) is
+refused: logged, counted in ``crossfield_model_load_failures_total``, remembered by its
+file fingerprint so that it is not retried until it changes, and left out when the policy
+picks versions. The policy then falls back to the next good version, so a broken version
+never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossfield.model import CrossfieldMACE, load_checkpoint
+from crossfield.model.repository import (
+    CHECKPOINT_NAME,
+    META_NAME,
+    check_model_name,
+    list_models,
+    list_versions,
+    version_path,
+)
+
+from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from .metrics import Metrics
+from .models import ModelRegistry, ServedModel, retire
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+
+# (name, version, model, metadata) -> a warmed ServedModel, or an exception
+Serve = Callable[[CrossfieldMACE, str, str, dict[str, Any]], ServedModel]
+Fingerprint = tuple[tuple[int, int, int] | None, ...]
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model to serve: the newest ``latest`` (None: all of them), or
+    exactly the ``specific`` versions that exist."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """``latest``, ``latest:N``, ``all`` or ``specific:V1,V2,...``."""
+        kind, _, value = text.strip().partition(":")
+        try:
+            if kind == "latest":
+                count = int(value) if value else 1
+                if count < 1:
+                    raise ValueError
+                return cls(latest=count)
+            if kind == "all" and not value:
+                return cls(latest=None)
+            if kind == "specific":
+                versions = tuple(sorted({int(v) for v in value.split(",")}))
+                if not versions or versions[0] < 1:
+                    raise ValueError
+                return cls(latest=None, specific=versions)
+        except ValueError:
+            pass
+        raise ValueError(
+            f"version_policy: {text!r} is not one of 'latest', 'latest:N' (N >= 1), 'all', "
+            "'specific:V1,V2' (positive integers)"
+        )
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions to serve among ``available`` (ascending)."""
+        if self.specific:
+            return [v for v in sorted(available) if v in self.specific]
+        ordered = sorted(available)
+        return ordered if self.latest is None else ordered[-self.latest :]
+
+    def __str__(self) -> str:
+        if self.specific:
+            return "specific:" + ",".join(map(str, self.specific))
+        return "all" if self.latest is None else f"latest:{self.latest}"
+
+
+def read_policy(root: Path, name: str, default: VersionPolicy) -> VersionPolicy:
+    """The model's ``config.json`` policy, else ``default``; ValueError when unreadable."""
+    path = root / name / CONFIG_NAME
+    if not path.is_file():
+        return default
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    unknown = set(config) - {"version_policy"}
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {sorted(unknown)}; known: ['version_policy']")
+    if "version_policy" not in config:
+        return default
+    try:
+        return VersionPolicy.parse(str(config["version_policy"]))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """Cheap identity of a version's files (size, mtime, inode; None when missing): a
+    changed or newly completed file changes it."""
+    result = []
+    for name in (CHECKPOINT_NAME, META_NAME):
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            result.append(None)
+        else:
+            result.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(result)
+
+
+def read_version(root: Path, name: str, version: int) -> tuple[CrossfieldMACE, dict[str, Any]]:
+    """The model and metadata of one version; ValueError saying why it cannot be served."""
+    folder = version_path(root, name, version)
+    checkpoint = folder / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        raise ValueError(f"{checkpoint}: missing (a partial version?)")
+    meta: dict[str, Any] = {}
+    if (folder / META_NAME).is_file():
+        try:
+            meta = json.loads((folder / META_NAME).read_text())
+        except ValueError as err:
+            raise ValueError(f"{folder / META_NAME}: not readable JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{folder / META_NAME}: must hold a JSON object")
+    expected = meta.get("sha256")
+    if expected is not None:
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(
+                f"{checkpoint}: sha256 {digest[:12]}... differs from meta.json's "
+                f"{str(expected)[:12]}... (changed or truncated after publishing)"
+            )
+    model = load_checkpoint(checkpoint)  # weights_only=True: a checkpoint never runs code
+    metadata = meta or dict(getattr(model, "metadata", {}) or {})
+    return model, metadata
+
+
+@dataclass
+class ModelState:
+    """What the repository knows about one model name beyond its policy."""
+
+    loaded: dict[int, tuple[ServedModel, Fingerprint]] = field(default_factory=dict)
+    refused: dict[int, Fingerprint] = field(default_factory=dict)  # not retried until changed
+    pinned: set[int] = field(default_factory=set)  # loaded by an admin, outside the policy
+    excluded: set[int] = field(default_factory=set)  # unloaded by an admin
+    disabled: bool = False  # the whole model unloaded by an admin
+    policy_error: str = ""
+
+
+@dataclass
+class ScanReport:
+    loaded: list[ServedModel] = field(default_factory=list)
+    retired: list[ServedModel] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: ScanReport) -> None:
+        self.loaded += other.loaded
+        self.retired += other.retired
+        self.errors += other.errors
+
+
+class ModelRepository:
+    """Keeps the registry in line with a repository folder; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        registry: ModelRegistry,
+        serve: Serve,
+        metrics: Metrics,
+        default_policy: VersionPolicy | None = None,
+        poll_interval: float = 10.0,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.root = Path(root)
+        self.default_policy = default_policy or VersionPolicy()
+        self.poll_interval = poll_interval
+        self._registry = registry
+        self._serve = serve
+        self._metrics = metrics
+        self._on_change = on_change
+        self._states: dict[str, ModelState] = {}
+        self._lock = threading.RLock()  # one scan or admin change at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Scan once in the background, then every ``poll_interval`` seconds (0: never
+        again; the Admin RPCs still work)."""
+        self._thread = threading.Thread(target=self._poll, name="repository", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling; a load in progress finishes first. Loaded versions stay (the
+        server drains them on its own stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:  # a scan must never end polling
+                log.exception("scanning the model repository %s failed", self.root)
+            if self.poll_interval <= 0 or self._stop.wait(self.poll_interval):
+                return
+
+    # -- operations -------------------------------------------------------------------------
+    def scan(self) -> ScanReport:
+        """Bring every model in line with the repository and its policy."""
+        report = ScanReport()
+        with self._lock:
+            loaded = {name for name, state in self._states.items() if state.loaded}
+            for name in sorted(set(list_models(self.root)) | loaded):
+                report.merge(self._sync(name))
+        return report
+
+    def load(self, name: str, version: str = "") -> ServedModel:
+        """Admin LoadModel: serve ``version`` (empty: the newest in the repository) of
+        ``name`` now, retrying it even if it was refused before. An explicit version stays
+        loaded beside the policy's versions until an admin unloads it."""
+        name = _model_name(name)
+        with self._lock:
+            available = list_versions(self.root, name)
+            if not available:
+                raise NotFoundError(f"name: no model {name!r} in the repository")
+            number = _version_number(version) if version else available[-1]
+            if number not in available:
+                raise NotFoundError(
+                    f"version: model {name!r} has no version {number} in the repository; "
+                    f"versions: {available}"
+                )
+            try:
+                policy = read_policy(self.root, name, self.default_policy)
+            except ValueError as err:
+                raise FailedPreconditionError(str(err)) from None
+            state = self._states.setdefault(name, ModelState())
+            state.disabled = False
+            state.excluded.discard(number)
+            state.refused.pop(number, None)
+            if version or number not in policy.select(available):
+                state.pinned.add(number)
+            report = self._sync(name)
+            if number not in state.loaded:
+                state.pinned.discard(number)
+                reason = "; ".join(report.errors) or "not selected"
+                raise FailedPreconditionError(
+                    f"version: model {name!r} version {number} was not loaded: {reason}"
+                )
+            return state.loaded[number][0]
+
+    def unload(self, name: str, version: str = "") -> list[ServedModel]:
+        """Admin UnloadModel: stop serving ``version`` (empty: every version) of ``name``
+        until an admin loads it again. Unloading the newest version of a ``latest`` policy
+        falls back to the next version (a rollback), loaded before the other leaves."""
+        name = _model_name(name)
+        with self._lock:
+            state = self._states.get(name)
+            if state is None or not state.loaded:
+                raise NotFoundError(f"name: model {name!r} is not loaded")
+            if version:
+                number = _version_number(version)
+                if number not in state.loaded:
+                    raise NotFoundError(
+                        f"version: model {name!r} version {number} is not loaded; "
+                        f"loaded: {sorted(state.loaded)}"
+                    )
+                state.excluded.add(number)
+                state.pinned.discard(number)
+            else:
+                state.disabled = True
+                state.pinned.clear()
+            return self._sync(name).retired
+
+    # -- the one place versions change -------------------------------------------------------
+    def _sync(self, name: str) -> ScanReport:
+        """Load what the policy wants (newest first), then retire what it no longer wants.
+
+        Retirement looks only at versions that are loaded: a wanted version that did not
+        load (refused, changed while being read, or the server stopping) never retires the
+        version that serves in its place.
+        """
+        report = ScanReport()
+        state = self._states.setdefault(name, ModelState())
+        available = list_versions(self.root, name)
+        try:
+            policy = read_policy(self.root, name, self.default_policy)
+            state.policy_error = ""
+        except ValueError as err:
+            if str(err) != state.policy_error:
+                log.error("model %r: %s; loading nothing new for it", name, err)
+            state.policy_error = str(err)
+            report.errors.append(str(err))
+            policy = None  # keep what is loaded; admin unloads still apply
+        attempted: set[int] = set()
+        while policy is not None and not self._stop.is_set():
+            prints = {v: fingerprint(version_path(self.root, name, v)) for v in available}
+            todo = [
+                v
+                for v in sorted(self._wanted(state, policy, available, prints), reverse=True)
+                if v not in attempted  # the newest first: it serves soonest
+                and (v not in state.loaded or state.loaded[v][1] != prints[v])
+                and state.refused.get(v) != prints[v]
+            ]
+            if not todo:
+                break
+            attempted.add(todo[0])
+            self._load(state, name, todo[0], prints[todo[0]], report)
+        loaded = [v for v in available if v in state.loaded]
+        keep = self._wanted(state, policy or VersionPolicy(latest=None), loaded, {})
+        for version in sorted(set(state.loaded) - keep):
+            served, _ = state.loaded.pop(version)
+            self._registry.remove(name, served.version)
+            self._on_change()
+            retire(served, self._metrics)
+            log.info("model %r version %d unloaded (drained)", name, version)
+            report.retired.append(served)
+        return report
+
+    @staticmethod
+    def _wanted(
+        state: ModelState, policy: VersionPolicy, available: list[int], prints: dict
+    ) -> set[int]:
+        """The versions to serve: the policy's pick among the versions that can serve (a
+        refused version is skipped unless a good copy of it is loaded), plus pins."""
+        if state.disabled:
+            return set()
+        candidates = [
+            v
+            for v in available
+            if v not in state.excluded and (v in state.loaded or state.refused.get(v) != prints[v])
+        ]
+        return set(policy.select(candidates)) | (state.pinned & set(candidates))
+
+    def _load(
+        self, state: ModelState, name: str, version: int, prints: Fingerprint, report: ScanReport
+    ) -> None:
+        start = time.monotonic()
+        try:
+            model, metadata = read_version(self.root, name, version)
+            served = self._serve(model, name, str(version), metadata)
+        except Exception as err:  # any failure refuses this version, never the server
+            message = f"model {name!r} version {version} refused: {err}"
+            log.error("%s; the serving versions stay", message)
+            self._metrics.model_load_failures.labels(name).inc()
+            state.refused[version] = prints
+            report.errors.append(message)
+            return
+        previous = self._registry.add(served, replace=True)
+        state.loaded[version] = (served, prints)
+        state.refused.pop(version, None)
+        self._metrics.model_loads.labels(name).inc()
+        self._on_change()
+        log.info(
+            "model %r version %d loaded and warmed in %.1f s",
+            name,
+            version,
+            time.monotonic() - start,
+        )
+        report.loaded.append(served)
+        if previous is not None:  # a changed checkpoint: the old copy drains
+            retire(previous, self._metrics)
+
+
+def _model_name(name: str) -> str:
+    """A repository model name, never a path (no separators, no '..')."""
+    try:
+        return check_model_name(name)
+    except ValueError as err:
+        raise InvalidArgumentError(f"name: {err}") from None
+
+
+def _version_number(version: str) -> int:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+        raise InvalidArgumentError(
+            f"version: {version!r} is not a repository version (a positive integer)"
+        )
+    return int(version)
