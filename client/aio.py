@@ -55,13 +55,17 @@ class AsyncClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         server_name: str | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
         retries=None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._addresses = [address] if isinstance(address, str) else list(address)
         if not self._addresses:
             raise ValueError("address: need at least one server address")
-        self.security = Security(tls, root_certificates, token, server_name)
+        self.security = Security(
+            tls, root_certificates, token, server_name, client_certificate, client_key
+        )
         self.retries = _retry_policy(retries)
         self.model = model or ""
         self.version = version or ""
@@ -108,15 +112,17 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         delays = self.retries.delays()
+        connection = None
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceededError(
                     f"{method}: no answer within {timeout} s", "DEADLINE_EXCEEDED"
                 )
-            stub = self._pool().next().stub
+            servers = self._pool()
+            connection = servers.next() if connection is None else servers.after(connection)
             try:
-                call = getattr(stub, method)
+                call = getattr(connection.stub, method)
                 return await call(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)

@@ -27,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", type=Path, help="structures: any file ase.io.read reads")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output extxyz file")
     parser.add_argument(
-        "--server", "-s", action="append", default=None,
+        "--server",
+        "-s",
+        action="append",
+        default=None,
         help=f"server address host:port; repeat or comma-separate for several "
         f"(round-robin); default {DEFAULT_SERVER}",
     )
@@ -35,18 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--version", default="", help="model version (default: newest)")
     parser.add_argument("--head", default="", help="head / level of theory (default: the model's)")
     parser.add_argument(
-        "--properties", default="energy,forces,stress",
+        "--properties",
+        default="energy,forces,stress",
         help="comma-separated from energy,forces,stress,energies; stress only for "
         "periodic structures (default: %(default)s)",
     )
     parser.add_argument("--index", default=":", help="ase.io index of the frames (default ':')")
     parser.add_argument("--format", default=None, help="input format, when ASE cannot guess it")
     parser.add_argument(
-        "--max-in-flight", type=int, default=256,
+        "--max-in-flight",
+        type=int,
+        default=256,
         help="structures unanswered at a time, over all servers (default: %(default)s)",
     )
     parser.add_argument(
-        "--token", default=None,
+        "--token",
+        default=None,
         help="bearer token (default: $CROSSFIELD_TOKEN; prefer the variable over the flag)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
@@ -91,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client, open(args.out, "w") as out:
             results = client.compute_many(
-                remembered(), properties, max_in_flight=args.max_in_flight,
+                remembered(),
+                properties,
+                max_in_flight=args.max_in_flight,
                 progress=not args.no_progress,
             )
             for result in results:

@@ -33,7 +33,9 @@ class RetryPolicy:
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
     multiplier: float = 2.0
-    retry_on: tuple[str, ...] = ("UNAVAILABLE",)
+    # CANCELLED too: a call that reaches a server while it stops is cancelled rather than
+    # refused (grpc/grpc#41785); Compute is idempotent, so trying the next server is safe.
+    retry_on: tuple[str, ...] = ("UNAVAILABLE", "CANCELLED")
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -58,16 +60,27 @@ class Security:
     ``root_certificates`` (PEM bytes) implies TLS; ``tls=True`` without them trusts the
     system's roots. ``server_name`` overrides the name checked against the certificate
     (for a certificate issued to a name other than the address dialled).
+    ``client_certificate`` and ``client_key`` (PEM bytes) present a certificate to a
+    server that requires mutual TLS.
     """
 
     tls: bool = False
     root_certificates: bytes | None = None
     token: str | None = None
     server_name: str | None = None
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("client_certificate and client_key: give both or neither")
+
+    def __repr__(self) -> str:  # never print the token or the key
+        return f"Security(tls={self.uses_tls}, token={'set' if self.token else 'none'})"
 
     @property
     def uses_tls(self) -> bool:
-        return self.tls or self.root_certificates is not None
+        return self.tls or self.root_certificates is not None or self.client_certificate is not None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -78,13 +91,20 @@ class Security:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 0),
+            # A DNS name with several A records (a Kubernetes headless Service) is
+            # balanced call by call; for a single address this changes nothing.
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return options
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.client_key,
+            certificate_chain=self.client_certificate,
+        )
 
 
 def open_channel(address: str, security: Security, max_message_bytes: int, aio: bool = False):
@@ -123,6 +143,12 @@ class RoundRobin:
     def next(self) -> Connection:
         with self._lock:
             return next(self._cycle)
+
+    def after(self, failed: Connection) -> Connection:
+        """The connection after ``failed``: a retry moves on from the server that failed,
+        not from a cursor that other threads advance meanwhile."""
+        index = self.connections.index(failed)
+        return self.connections[(index + 1) % len(self.connections)]
 
     def __len__(self) -> int:
         return len(self.connections)

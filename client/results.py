@@ -21,7 +21,10 @@ from crossfield.v1.messages import compute_request, response_results
 PROPERTIES = ("energy", "forces", "stress", "energies")
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _WIRE_NAMES = {
-    "energy": "energy", "forces": "forces", "stress": "stress", "energies": "atom_energies"
+    "energy": "energy",
+    "forces": "forces",
+    "stress": "stress",
+    "energies": "atom_energies",
 }
 
 

@@ -98,3 +98,40 @@ def test_security_config_refuses_half_configurations(pki, tmp_path) -> None:
         SecurityConfig(tls_cert=server_identity.cert, tls_key=missing).credentials()
     config = SecurityConfig(token="client-secret-value", admin_token="admin-secret-value")
     assert "secret-value" not in repr(config) + config.describe()
+
+
+def test_crossfield_client_speaks_mutual_tls_with_a_token(model, pki) -> None:
+    """The library client end to end: CA, client certificate and bearer token."""
+    from crossfield.client import Client, RemoteCalculator, ServerUnavailableError
+
+    server_identity = pki["server"]
+    security = SecurityConfig(
+        tls_cert=server_identity.cert,
+        tls_key=server_identity.key,
+        tls_client_ca=pki["ca"].identity.cert,
+        token="client-secret",
+    )
+    with secure_server(model, security) as server:
+        address = f"127.0.0.1:{server.port}"
+        identity = pki["client"]
+        client = Client(
+            address,
+            root_certificates=pki["ca"].pem,
+            client_certificate=identity.cert_pem,
+            client_key=identity.key_pem,
+            token="client-secret",
+            retries=1,
+        )
+        from ase import Atoms
+
+        first = structures(1)[0]
+        water = Atoms(numbers=first.numbers, positions=first.positions)
+        assert client.compute(water).energy is not None
+        water.calc = RemoteCalculator(client, model="", head=None)
+        assert water.get_forces().shape == (len(water), 3)
+        without_certificate = Client(
+            address, root_certificates=pki["ca"].pem, token="client-secret", retries=1
+        )
+        with pytest.raises(ServerUnavailableError):
+            without_certificate.compute(water)
+        assert "client-secret" not in repr(client.security)
