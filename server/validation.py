@@ -36,6 +36,12 @@ MAX_NEIGHBOURS_PER_ATOM = 1000.0
 # Upper density for estimating the edges of molecules (atoms/A^3; ice is ~0.1): only used
 # to plan batches, never to reject.
 CONDENSED_DENSITY = 0.15
+# Periodic cells beyond these bounds crash or stall the neighbour list (vesin dies of
+# SIGFPE on a 1e6 A lattice vector, or on a 2e3 x 2e3 x 2 A slab, and loops for minutes
+# over images of a 1e-3 A thin cell), taking the whole server down. No atomistic cell of
+# at most a few thousand atoms needs longer vectors or more images per cutoff.
+MAX_CELL_LENGTH = 1000.0  # A, every lattice vector of a periodic structure
+MAX_IMAGES_PER_CUTOFF = 100  # periodic images along one direction within the cutoff
 
 
 def resolve_head(served: ServedModel, request: inference_pb2.ComputeRequest) -> str:
@@ -70,6 +76,8 @@ def check_request(
             f"structure.cell: ~{neighbours:.0f} neighbours per atom within the cutoff of "
             f"{config.r_max} A (limit {MAX_NEIGHBOURS_PER_ATOM:.0f}); is the cell in Angstrom?"
         )
+    if cell is not None and any(pbc):
+        _check_cell_layers(cell, pbc, config.r_max)
     structure = Structure(numbers=numbers, positions=positions, cell=cell, pbc=pbc, head=head)
     return CheckedRequest(
         structure=structure,
@@ -170,6 +178,12 @@ def _cell(message: inference_pb2.Structure, pbc: tuple[bool, bool, bool]) -> np.
     if not np.isfinite(cell).all():
         raise InvalidArgumentError("structure.cell: contains NaN or infinite values")
     cell = cell.astype(np.float64)
+    longest = float(np.linalg.norm(cell, axis=1).max())
+    if any(pbc) and longest > MAX_CELL_LENGTH:  # also before the covolume, which overflows
+        raise InvalidArgumentError(
+            f"structure.cell: a lattice vector is {longest:.4g} A long (limit "
+            f"{MAX_CELL_LENGTH:.0f} A for periodic structures); is the cell in Angstrom?"
+        )
     periodic = cell[list(pbc)]
     if len(periodic) and _covolume(periodic) < 1e-6 * max(
         1.0, float(np.abs(periodic).max())
@@ -179,6 +193,20 @@ def _cell(message: inference_pb2.Structure, pbc: tuple[bool, bool, bool]) -> np.
             "(zero length or linearly dependent)"
         )
     return cell
+
+
+def _check_cell_layers(cell: np.ndarray, pbc: tuple[bool, bool, bool], r_max: float) -> None:
+    """Reject periodic cells so thin that the neighbour list would loop over images."""
+    periodic = cell[list(pbc)]
+    volume = _covolume(periodic)
+    for index in range(len(periodic)):
+        others = np.delete(periodic, index, axis=0)
+        height = volume / _covolume(others) if len(others) else volume
+        if r_max / height > MAX_IMAGES_PER_CUTOFF:
+            raise InvalidArgumentError(
+                f"structure.cell: periodic layers only {height:.3g} A apart put more than "
+                f"{MAX_IMAGES_PER_CUTOFF} images within the cutoff of {r_max} A"
+            )
 
 
 def _covolume(vectors: np.ndarray) -> float:
