@@ -82,14 +82,32 @@ def time_md(calculator, atoms_count: int, steps: int, observe=None, warmup: int 
 def start_server(args, checkpoint: Path | None) -> tuple[subprocess.Popen, str]:
     """``crossfield serve`` in its own process; returns it and its address."""
     command = [
-        sys.executable, "-m", "crossfield.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "-1", "--dtype", args.dtype, "--device", "cpu",
-        "--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms),
+        sys.executable,
+        "-m",
+        "crossfield.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--dtype",
+        args.dtype,
+        "--device",
+        "cpu",
+        "--threads",
+        str(args.threads),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
     ]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint), "--name", "default"]
     server = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     for line in server.stdout:
@@ -119,24 +137,36 @@ def main() -> None:
             save_checkpoint(model, checkpoint)
         server, address = (None, args.server) if args.server else start_server(args, checkpoint)
         try:
-            print(f"model {args.model}, {args.dtype}, {args.threads} torch thread(s) each side, "
-                  f"server max delay {args.max_delay_ms} ms, {args.steps} VelocityVerlet steps")
-            print(f"{'atoms':>5} {'in-process':>11} {'remote':>9} {'ratio':>6} {'overhead':>9} "
-                  f"{'server queue':>13} {'server compute':>15} {'rest':>9}")
+            print(
+                f"model {args.model}, {args.dtype}, {args.threads} torch thread(s) each side, "
+                f"server max delay {args.max_delay_ms} ms, {args.steps} VelocityVerlet steps"
+            )
+            print(
+                f"{'atoms':>5} {'in-process':>11} {'remote':>9} {'ratio':>6} {'overhead':>9} "
+                f"{'server queue':>13} {'server compute':>15} {'rest':>9}"
+            )
             for atoms_count in SIZES:
                 local = time_md(CrossfieldCalculator(model, dtype=dtype), atoms_count, args.steps)
                 with RemoteCalculator(address, model="default") as remote:
                     answers = []
-                    far = time_md(remote, atoms_count, args.steps,
-                                  observe=lambda r=remote, a=answers: a.append(r.last_result))
+                    far = time_md(
+                        remote,
+                        atoms_count,
+                        args.steps,
+                        observe=lambda r=remote, a=answers: a.append(r.last_result),
+                    )
                 queued = np.median([a.queue_seconds for a in answers[1:]])
                 computed = np.median([a.compute_seconds for a in answers[1:]])
                 rest = far - queued - computed
-                print(f"{atoms_count:>5} {local * 1e3:>8.2f} ms {far * 1e3:>6.2f} ms "
-                      f"{far / local:>6.2f} {(far - local) * 1e3:>6.2f} ms "
-                      f"{queued * 1e3:>10.2f} ms {computed * 1e3:>12.2f} ms {rest * 1e3:>6.2f} ms")
-            print("overhead = remote - in-process per step; rest = remote - server queue - "
-                  "server compute (graph building, gRPC, encoding, client)")
+                print(
+                    f"{atoms_count:>5} {local * 1e3:>8.2f} ms {far * 1e3:>6.2f} ms "
+                    f"{far / local:>6.2f} {(far - local) * 1e3:>6.2f} ms "
+                    f"{queued * 1e3:>10.2f} ms {computed * 1e3:>12.2f} ms {rest * 1e3:>6.2f} ms"
+                )
+            print(
+                "overhead = remote - in-process per step; rest = remote - server queue - "
+                "server compute (graph building, gRPC, encoding, client)"
+            )
         finally:
             if server is not None:
                 server.terminate()

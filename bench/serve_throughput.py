@@ -172,10 +172,10 @@ def in_process(model, structures, batch_size: int) -> float:
 
 def load_model(name: str, dtype):
     from crossfield.model import HeadConfig, ModelConfig, build_model
-    from crossfield.model.presets import default_model
+    from crossfield.model.presets import random_model
 
     if name == "default":
-        return default_model().to(dtype).eval()
+        return random_model().to(dtype).eval()
     config = ModelConfig(
         elements=[1, 6, 7, 8, 14],
         heads=[HeadConfig("pbe", e0s=[0.0] * 5)],

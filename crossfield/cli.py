@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),
     "publish": ("crossfield.training.publish_cli", "publish a checkpoint into a model repository"),
     "import-mace": ("crossfield.model.import_cli", "convert a mace-torch .model file"),
+    "data": ("crossfield.training.data_cli", "make or check the reference data sets"),
 }
 
 

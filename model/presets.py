@@ -1,16 +1,18 @@
 """Named architectures: MH-1-like and MP-0-like configurations, and the default model.
 
-``default_model()`` is what ``crossfield serve`` runs with no arguments until a trained
-model ships: a deterministic random initialisation, labelled as such in its metadata and
-head descriptions so that nobody mistakes its numbers for physics.
+``default_model()`` is what ``crossfield serve`` runs with no arguments: the small trained
+model shipped beside this file. ``random_model()`` is a deterministic random
+initialisation with a wide element table, labelled as such.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from .checkpoint import load_checkpoint
 from .config import HeadConfig, ModelConfig
 from .mace import CrossfieldMACE, build_model
 
@@ -75,13 +77,31 @@ def mp0_config(elements: Sequence[int], channels: int = 64, r_max: float = 6.0) 
     )
 
 
+DEFAULT_CHECKPOINT = Path(__file__).with_name("default.pt")
+
+
 def default_model(dtype: torch.dtype = torch.float32) -> CrossfieldMACE:
-    """A small MH-1-style model with three heads and *random* weights (seed 0)."""
+    """The model ``crossfield serve`` runs with no arguments.
+
+    A small MH-1-style model (16 channels, 27k parameters) shipped with the package,
+    trained by ``python -m crossfield.training.study`` on the data under data/:
+    pretraining on GFN2-xTB molecules, then replay fine-tuning onto GFN1-xTB (molecules and
+    slabs) and EMT (metals and surfaces). Its errors are in the README; it is a demonstration
+    model, not a production force field.
+    """
+    model = load_checkpoint(DEFAULT_CHECKPOINT, dtype=dtype)
+    model.metadata = {**model.metadata, "name": "default", "version": "1", "trained": True}
+    return model
+
+
+def random_model(dtype: torch.dtype = torch.float32) -> CrossfieldMACE:
+    """A small MH-1-style model with three heads and *random* weights (seed 0), for tests
+    and benchmarks that need a wide element table; labelled so nobody mistakes it."""
     heads = [
         (name, {**level, "warning": "random-init model: numbers are not physical"})
         for name, level in (MH1_HEADS[0], MH1_HEADS[1], MH1_HEADS[3])
     ]
     config = mh1_config(DEFAULT_ELEMENTS, heads=heads, channels=16, r_max=5.0)
     model = build_model(config, seed=0, dtype=dtype).eval()
-    model.metadata = {"name": "default", "version": "random-init", "trained": False}
+    model.metadata = {"name": "random", "version": "random-init", "trained": False}
     return model

@@ -112,8 +112,9 @@ def test_serve_without_arguments_serves_the_labelled_default_model() -> None:
         models = inference.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
         assert models.default_model == "default"
         (info,) = models.models
-        assert info.metadata["trained"] is False
-        assert len(info.heads) >= 2 and info.dtype == "float32"
+        assert info.metadata["trained"] is True
+        assert [h.name for h in info.heads] == ["gfn2_xtb", "gfn1_xtb", "emt"]
+        assert info.dtype == "float32"
         request = request_for(Structure.from_atoms(molecule("CH3CH2OH")), model="")
         response = inference.Compute(request, timeout=60)
         assert response.model == "default" and response.head == info.default_head
