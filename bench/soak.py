@@ -401,7 +401,8 @@ def requests():
         yield compute_request(np.array([8, 1, 1]), np.array([[0, 0, 0], [0.96, 0, 0],
             [-0.24, 0.93, 0.0]]) + 0.01 * (n % 7), model="victim", id=str(n))
 stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(sys.argv[1]))
-for n, _ in enumerate(stub.ComputeStream(requests(), timeout=60)):
+# wait_for_ready: a victim started during the deliberate restart waits for the new server
+for n, _ in enumerate(stub.ComputeStream(requests(), timeout=60, wait_for_ready=True)):
     if n == 0:
         print("streaming", flush=True)
 """

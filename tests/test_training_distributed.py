@@ -16,6 +16,9 @@ from crossfield.training.config import load_config
 from crossfield.training.run import train
 
 
+# Slow, and once (1 of 3 CI-like runs on a loaded machine) the torchrun job hung after rank 0
+# had written its results; run with `pytest -m slow` until the hang is understood.
+@pytest.mark.slow
 def test_two_process_ddp_equals_single_process_on_the_same_global_batch(tmp_path):
     write_frames(tmp_path / "train.xyz", generate(14, seed=11))
     write_frames(tmp_path / "valid.xyz", generate(5, seed=12))
