@@ -53,6 +53,36 @@ def layer_irreps(config: ModelConfig) -> list[dict[str, o3.Irreps | None]]:
     return layers
 
 
+def derivatives(
+    energy: torch.Tensor,
+    positions: torch.Tensor,
+    strain: torch.Tensor | None,
+    cell: torch.Tensor,
+    training: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Forces, and virials and stress when ``strain`` is given, from ``energy`` [B].
+
+    ``training`` keeps the graph (create_graph) so that losses on forces backpropagate.
+    """
+    inputs = [positions] if strain is None else [positions, strain]
+    grads = torch.autograd.grad(
+        [energy],
+        inputs,
+        grad_outputs=[torch.ones_like(energy)],
+        create_graph=training,
+        retain_graph=training,
+        allow_unused=True,
+    )
+    forces = grads[0] if grads[0] is not None else torch.zeros_like(positions)
+    out = {"forces": -forces}
+    if strain is not None:
+        virial_grad = grads[1] if grads[1] is not None else torch.zeros_like(strain)
+        volume = torch.linalg.det(cell).abs().view(-1, 1, 1)
+        out["virials"] = -virial_grad
+        out["stress"] = torch.where(volume > 0, virial_grad / volume.clamp_min(1e-30), 0.0)
+    return out
+
+
 class CrossfieldMACE(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -135,18 +165,37 @@ class CrossfieldMACE(torch.nn.Module):
         training: bool = False,
         return_descriptors: bool = False,
     ) -> dict[str, torch.Tensor]:
-        num_structures = batch.num_structures
         positions = batch.positions
-        cell = batch.cell
         strain = None
         if compute_forces or compute_stress:
             positions = positions.detach().requires_grad_(True)
         if compute_stress:
-            # A symmetric strain applied to positions and cell: dE/d(strain) is the virial.
+            # dE/d(strain) at zero strain is the virial.
             strain = torch.zeros(
-                num_structures, 3, 3, dtype=positions.dtype, device=positions.device
+                batch.num_structures, 3, 3, dtype=positions.dtype, device=positions.device
             )
             strain.requires_grad_(True)
+        energy, node_energy, features = self.strained_energy(batch, positions, strain)
+
+        out = {"energy": energy, "node_energy": node_energy}
+        if return_descriptors:
+            out["descriptors"] = features
+        if compute_forces or compute_stress:
+            out.update(derivatives(energy, positions, strain, batch.cell, training))
+        return out
+
+    def strained_energy(
+        self, batch: GraphBatch, positions: torch.Tensor, strain: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energies [B], atomic energies [N] and descriptors at ``positions``.
+
+        With a ``strain`` [B, 3, 3], positions and cells are first deformed by its symmetric
+        part. Forces and virials are the gradients of the energy with respect to the two
+        arguments; ``forward`` takes them, and compiled backends (backends.py) trace this
+        method alone and take them themselves.
+        """
+        cell = batch.cell
+        if strain is not None:
             symmetric = 0.5 * (strain + strain.transpose(-1, -2))
             positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch.batch])
             cell = cell + torch.matmul(cell, symmetric)
@@ -157,29 +206,10 @@ class CrossfieldMACE(torch.nn.Module):
 
         node_heads = batch.heads[batch.batch]
         node_energy, features = self.atomic_energies(batch, vectors, lengths, node_heads)
-        energy = node_energy.new_zeros(num_structures).index_add_(0, batch.batch, node_energy)
-
-        out = {"energy": energy, "node_energy": node_energy}
-        if return_descriptors:
-            out["descriptors"] = features
-        if compute_forces or compute_stress:
-            inputs = [positions] if strain is None else [positions, strain]
-            grads = torch.autograd.grad(
-                [energy],
-                inputs,
-                grad_outputs=[torch.ones_like(energy)],
-                create_graph=training,
-                retain_graph=training,
-                allow_unused=True,
-            )
-            forces = grads[0] if grads[0] is not None else torch.zeros_like(positions)
-            out["forces"] = -forces
-            if strain is not None:
-                virial_grad = grads[1] if grads[1] is not None else torch.zeros_like(strain)
-                volume = torch.linalg.det(batch.cell).abs().view(-1, 1, 1)
-                out["virials"] = -virial_grad
-                out["stress"] = torch.where(volume > 0, virial_grad / volume.clamp_min(1e-30), 0.0)
-        return out
+        # The structure count from a shape, not ptr.numel(): a traced graph keeps shapes
+        # symbolic but bakes in Python ints.
+        energy = node_energy.new_zeros(cell.shape[0]).index_add_(0, batch.batch, node_energy)
+        return energy, node_energy, features
 
     def atomic_energies(
         self,

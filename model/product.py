@@ -164,20 +164,34 @@ class ProductBasis(torch.nn.Module):
         self, features: torch.Tensor, node_elements: torch.Tensor, skip: torch.Tensor | None
     ) -> torch.Tensor:
         """``features`` [N, C, D] from the interaction; returns [N, target_irreps.dim]."""
+        if self.agnostic:
+            out = self._contract(features, None)
+        else:
+            out = self._contract_by_element(features, node_elements)
+        out = self.linear(out)
+        return out if skip is None else out + skip
+
+    def _contract(
+        self, features: torch.Tensor, segments: list[tuple[int, int]] | None
+    ) -> torch.Tensor:
         n = features.shape[0]
-        segments, order = None, None
-        if not self.agnostic:
-            # Atoms sorted by element: each element's weights act on one contiguous block.
-            order = torch.argsort(node_elements, stable=True)
-            counts = torch.bincount(node_elements, minlength=self.num_elements).tolist()
-            segments = [(element, count) for element, count in enumerate(counts) if count]
-            features = features[order]
         channel_major = features.transpose(0, 1).contiguous()  # [C, N, D]
         parts = [
             c(channel_major, segments).transpose(0, 1).reshape(n, -1) for c in self.contractions
         ]
-        out = torch.cat(parts, dim=-1)
-        if order is not None:
-            out = out[torch.argsort(order)]
-        out = self.linear(out)
-        return out if skip is None else out + skip
+        return torch.cat(parts, dim=-1)
+
+    @torch.compiler.disable
+    def _contract_by_element(
+        self, features: torch.Tensor, node_elements: torch.Tensor
+    ) -> torch.Tensor:
+        """Atoms sorted by element: each element's weights act on one contiguous block.
+
+        The block sizes are data, so torch.compile runs this part eagerly instead of
+        recompiling for every composition of a batch.
+        """
+        order = torch.argsort(node_elements, stable=True)
+        counts = torch.bincount(node_elements, minlength=self.num_elements).tolist()
+        segments = [(element, count) for element, count in enumerate(counts) if count]
+        out = self._contract(features[order], segments)
+        return out[torch.argsort(order)]

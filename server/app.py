@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from crossfield.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb
 from .admin import AdminService
 from .batcher import BatchLimits
 from .metrics import Metrics
-from .models import ModelRegistry, Prepare, ServedModel, serve_model
+from .models import Backend, ModelRegistry, ServedModel, serve_model
 from .repository import ModelRepository, VersionPolicy
 from .runner import Runner
 from .security import SecurityConfig, SecurityInterceptor
@@ -62,7 +62,7 @@ class ServerConfig:
     repository: Path | None = None  # serve and follow this model repository
     poll_interval: float = 10.0  # seconds between repository scans; 0: only on admin calls
     version_policy: str = "latest"  # for models without their own config.json
-    prepare: Prepare | None = None  # hook: compile a loaded model for a backend (eager: None)
+    backend: Backend = field(default_factory=Backend)  # per model: REPO/NAME/config.json
 
 
 class InferenceServer:
@@ -98,17 +98,27 @@ class InferenceServer:
         name: str,
         version: str = "1",
         metadata: dict[str, Any] | None = None,
+        backend: str | None = None,
     ) -> ServedModel:
-        served = self._serve(model, name, version, metadata)
+        """Serve ``model`` as ``name``/``version``; ``backend`` overrides the server's."""
+        served = self._serve(model, name, version, metadata, backend)
         self.registry.add(served)
         self._update_health()
         return served
 
     def _serve(
-        self, model: CrossfieldMACE, name: str, version: str, metadata: dict[str, Any] | None
+        self,
+        model: CrossfieldMACE,
+        name: str,
+        version: str,
+        metadata: dict[str, Any] | None,
+        backend: str | None = None,
     ) -> ServedModel:
         """A warmed ServedModel on this server's device, not yet in the registry."""
         config = self.config
+        chosen = config.backend
+        if backend is not None and backend != chosen.name:
+            chosen = replace(chosen, name=backend)
         served = serve_model(
             model,
             name,
@@ -119,9 +129,16 @@ class InferenceServer:
             config.dtype,
             config.max_atoms_per_structure,
             metadata,
-            config.prepare,
+            chosen,
         )
-        log.info("model %r version %r ready on %s (%s)", name, version, served.device, served.dtype)
+        log.info(
+            "model %r version %r ready on %s (%s, %s backend)",
+            name,
+            version,
+            served.device,
+            served.dtype,
+            served.backend,
+        )
         return served
 
     def start(self) -> InferenceServer:

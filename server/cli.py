@@ -100,6 +100,23 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--max-atoms-per-structure", type=int, default=4096)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--backend",
+        choices=("eager", "compile", "script", "tensorrt"),
+        default="eager",
+        help="how models run: eager PyTorch, torch.compile, TorchScript, or TensorRT (CUDA, "
+        "the [tensorrt] extra); compiled at load time and checked against eager before "
+        "serving. A repository model's config.json can choose its own (default: eager)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="folder for compiled artefacts, so a restart does not compile again "
+        "(default: $XDG_CACHE_HOME/crossfield or ~/.cache/crossfield; keep it private "
+        "to the server's user)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument(
         "--threads",
@@ -146,6 +163,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run, checkpoints=[])
 
 
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crossfield"
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
     import signal
@@ -157,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import InferenceServer, ServerConfig
     from .batcher import BatchLimits
+    from .models import Backend
     from .repository import VersionPolicy
     from .security import SecurityConfig
 
@@ -203,20 +226,24 @@ def run(args: argparse.Namespace) -> int:
         repository=args.repo,
         poll_interval=args.poll_interval,
         version_policy=args.version_policy,
+        backend=Backend(args.backend, args.compile_cache or default_cache_dir()),
     )
     if args.device:
         config.device = args.device
     server = InferenceServer(config)
-    if args.repo is None and not args.checkpoints:
-        from crossfield.model.presets import default_model
+    try:
+        if args.repo is None and not args.checkpoints:
+            from crossfield.model.presets import default_model
 
-        model = default_model()
-        metadata = dict(getattr(model, "metadata", {}))
-        server.add_model(model, "default", str(metadata.get("version", "0")), metadata)
-    for path, name in args.checkpoints:
-        metadata = read_checkpoint_metadata(path)["metadata"]
-        version = str(metadata.get("version", "1"))
-        server.add_model(load_checkpoint(path), name or Path(path).stem, version, metadata)
+            model = default_model()
+            metadata = dict(getattr(model, "metadata", {}))
+            server.add_model(model, "default", str(metadata.get("version", "0")), metadata)
+        for path, name in args.checkpoints:
+            metadata = read_checkpoint_metadata(path)["metadata"]
+            version = str(metadata.get("version", "1"))
+            server.add_model(load_checkpoint(path), name or Path(path).stem, version, metadata)
+    except (ValueError, RuntimeError) as err:  # a backend that cannot run or compile this model
+        raise SystemExit(f"crossfield serve: {err}") from None
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -94,6 +94,13 @@ class Metrics:
             ["model", "version", "dtype", "device"],
             registry=r,
         )
+        self.model_compile_seconds = Gauge(
+            "crossfield_model_compile_seconds",
+            "Seconds a loaded version spent compiling for its backend and checking it "
+            "against eager, before it served",
+            ["model", "version", "backend"],
+            registry=r,
+        )
         self.model_loads = Counter(
             "crossfield_model_loads",
             "Model versions loaded, warmed and switched in",

@@ -11,14 +11,15 @@ version that started it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from crossfield.model import CrossfieldMACE, Structure, evaluate
+from crossfield.model.backends import BACKENDS, compile_model
 
 from .batcher import Batcher, BatchLimits
 from .errors import NotFoundError, UnavailableError
@@ -36,6 +37,7 @@ class ServedModel:
     batcher: Batcher
     max_atoms_per_structure: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    backend: str = "eager"
     element_allowed: np.ndarray = field(init=False)  # [119] bool, by atomic number
 
     def __post_init__(self) -> None:
@@ -51,7 +53,18 @@ class ServedModel:
         return str(next(self.model.buffers()).device)
 
 
-Prepare = Callable[[CrossfieldMACE], CrossfieldMACE]
+@dataclass(frozen=True)
+class Backend:
+    """How a server runs its models: a ``crossfield.model.backends`` name, where compiled
+    artefacts are cached (None: nowhere, every load compiles), and the shape mode."""
+
+    name: str = "eager"
+    cache_dir: Path | None = None
+    shapes: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend: unknown backend {self.name!r}; choose one of {BACKENDS}")
 
 
 def serve_model(
@@ -64,18 +77,27 @@ def serve_model(
     dtype: torch.dtype,
     max_atoms_per_structure: int,
     metadata: dict[str, Any] | None = None,
-    prepare: Prepare | None = None,
+    backend: Backend | None = None,
 ) -> ServedModel:
-    """Put ``model`` on the runner's device in ``dtype``, ``prepare`` it (the hook where a
-    compiled backend replaces the eager model), warm it up and give it a batcher.
+    """Put ``model`` on the runner's device in ``dtype``, compile it for ``backend``, warm
+    it up and give it a batcher.
 
-    Raises ``ValueError`` when the warm-up fails, before anything is visible to requests.
+    Compilation happens here, in the loading thread, and the compiled model must reproduce
+    eager's numbers on example batches (``CompiledModel.warm_up``) before it can serve: no
+    request ever waits for a compiler or gets a miscompiled answer. Raises ``ValueError``
+    (or the backend's error) when that fails, before anything is visible to requests.
     """
+    backend = backend or Backend()
     model = model.to(device=runner.device, dtype=dtype).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if prepare is not None:
-        model = prepare(model)
+    if backend.name != "eager":
+        compiled = compile_model(
+            model, backend.name, dtype, runner.device, backend.cache_dir, backend.shapes
+        )
+        report = compiled.warm_up()
+        metrics.model_compile_seconds.labels(name, version, backend.name).set(report.seconds)
+        model = compiled
     warm_up(model)
     served = ServedModel(
         name=name,
@@ -84,6 +106,7 @@ def serve_model(
         batcher=Batcher(model, name, runner, limits, metrics),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=dict(metadata or {}),
+        backend=backend.name,
     )
     metrics.model_loaded.labels(name, version, served.dtype, served.device).set(1)
     return served
@@ -94,6 +117,8 @@ def retire(served: ServedModel, metrics: Metrics) -> None:
     holds (those batches finish on this version), then the model can be freed."""
     served.batcher.close()
     metrics.model_loaded.remove(served.name, served.version, served.dtype, served.device)
+    if served.backend != "eager":
+        metrics.model_compile_seconds.remove(served.name, served.version, served.backend)
 
 
 def warm_up(model: CrossfieldMACE) -> None:

@@ -4,7 +4,9 @@ The layout is ``crossfield.model.repository``'s: ``<repo>/<name>/<version>/model
 ``meta.json``, integer versions, hidden staging folders. Which versions of a model are
 served is its *version policy*: ``latest`` (the default), ``latest:N``, ``all`` or
 ``specific:1,3``, set for every model on the command line and per model in
-``<repo>/<name>/config.json`` as ``{"version_policy": "latest:2"}``.
+``<repo>/<name>/config.json`` as ``{"version_policy": "latest:2"}``. The same file can
+choose the model's inference backend, ``{"backend": "compile"}`` (see
+``crossfield.model.backends``); a changed backend applies to versions loaded after it.
 
 A scan (every ``poll_interval`` seconds, and on the Admin RPCs) compares the policy's
 versions with what is loaded. A version to add is read (``weights_only``, its sha256
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from crossfield.model import CrossfieldMACE, load_checkpoint
+from crossfield.model.backends import BACKENDS
 from crossfield.model.repository import (
     CHECKPOINT_NAME,
     META_NAME,
@@ -52,8 +55,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 
-# (name, version, model, metadata) -> a warmed ServedModel, or an exception
-Serve = Callable[[CrossfieldMACE, str, str, dict[str, Any]], ServedModel]
+# (model, name, version, metadata, backend or None for the server's) -> a warmed
+# ServedModel, or an exception
+Serve = Callable[[CrossfieldMACE, str, str, dict[str, Any], str | None], ServedModel]
 Fingerprint = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -102,26 +106,44 @@ class VersionPolicy:
         return "all" if self.latest is None else f"latest:{self.latest}"
 
 
-def read_policy(root: Path, name: str, default: VersionPolicy) -> VersionPolicy:
-    """The model's ``config.json`` policy, else ``default``; ValueError when unreadable."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """A model's ``config.json``: its version policy, and its backend (None: the server's)."""
+
+    policy: VersionPolicy
+    backend: str | None = None
+
+
+SETTINGS_FIELDS = ("version_policy", "backend")
+
+
+def read_settings(root: Path, name: str, default: VersionPolicy) -> ModelSettings:
+    """The model's ``config.json`` settings, else the defaults; ValueError when unreadable
+    or invalid, naming the file and the field."""
     path = root / name / CONFIG_NAME
     if not path.is_file():
-        return default
+        return ModelSettings(default)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: must hold a JSON object")
-    unknown = set(config) - {"version_policy"}
+    unknown = set(config) - set(SETTINGS_FIELDS)
     if unknown:
-        raise ValueError(f"{path}: unknown fields {sorted(unknown)}; known: ['version_policy']")
-    if "version_policy" not in config:
-        return default
-    try:
-        return VersionPolicy.parse(str(config["version_policy"]))
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(
+            f"{path}: unknown fields {sorted(unknown)}; known: {list(SETTINGS_FIELDS)}"
+        )
+    policy = default
+    if "version_policy" in config:
+        try:
+            policy = VersionPolicy.parse(str(config["version_policy"]))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    backend = config.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{path}: backend: {backend!r} is not one of {list(BACKENDS)}")
+    return ModelSettings(policy, backend)
 
 
 def fingerprint(folder: Path) -> Fingerprint:
@@ -263,7 +285,7 @@ class ModelRepository:
                     f"versions: {available}"
                 )
             try:
-                policy = read_policy(self.root, name, self.default_policy)
+                policy = read_settings(self.root, name, self.default_policy).policy
             except ValueError as err:
                 raise FailedPreconditionError(str(err)) from None
             state = self._states.setdefault(name, ModelState())
@@ -316,14 +338,15 @@ class ModelRepository:
         state = self._states.setdefault(name, ModelState())
         available = list_versions(self.root, name)
         try:
-            policy = read_policy(self.root, name, self.default_policy)
+            settings = read_settings(self.root, name, self.default_policy)
+            policy, backend = settings.policy, settings.backend
             state.policy_error = ""
         except ValueError as err:
             if str(err) != state.policy_error:
                 log.error("model %r: %s; loading nothing new for it", name, err)
             state.policy_error = str(err)
             report.errors.append(str(err))
-            policy = None  # keep what is loaded; admin unloads still apply
+            policy, backend = None, None  # keep what is loaded; admin unloads still apply
         attempted: set[int] = set()
         while policy is not None and not self._stop.is_set():
             prints = {v: fingerprint(version_path(self.root, name, v)) for v in available}
@@ -337,7 +360,7 @@ class ModelRepository:
             if not todo:
                 break
             attempted.add(todo[0])
-            self._load(state, name, todo[0], prints[todo[0]], report)
+            self._load(state, name, todo[0], prints[todo[0]], backend, report)
         loaded = [v for v in available if v in state.loaded]
         keep = self._wanted(state, policy or VersionPolicy(latest=None), loaded, {})
         for version in sorted(set(state.loaded) - keep):
@@ -365,12 +388,18 @@ class ModelRepository:
         return set(policy.select(candidates)) | (state.pinned & set(candidates))
 
     def _load(
-        self, state: ModelState, name: str, version: int, prints: Fingerprint, report: ScanReport
+        self,
+        state: ModelState,
+        name: str,
+        version: int,
+        prints: Fingerprint,
+        backend: str | None,
+        report: ScanReport,
     ) -> None:
         start = time.monotonic()
         try:
             model, metadata = read_version(self.root, name, version)
-            served = self._serve(model, name, str(version), metadata)
+            served = self._serve(model, name, str(version), metadata, backend)
         except Exception as err:  # any failure refuses this version, never the server
             message = f"model {name!r} version {version} refused: {err}"
             log.error("%s; the serving versions stay", message)

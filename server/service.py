@@ -228,6 +228,7 @@ def model_info(served: ServedModel, registry: ModelRegistry) -> inference_pb2.Mo
         elements=config.elements,
         cutoff=config.r_max,
         dtype=served.dtype,
+        backend=served.backend,
         device=served.device,
         max_atoms_per_structure=served.max_atoms_per_structure,
         metadata=_struct(served.metadata),

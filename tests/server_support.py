@@ -19,6 +19,7 @@ from ase.build import bulk, molecule
 from crossfield.model import CrossfieldMACE, HeadConfig, ModelConfig, Structure, build_model
 from crossfield.server.app import InferenceServer, ServerConfig
 from crossfield.server.batcher import BatchLimits
+from crossfield.server.models import Backend
 from crossfield.v1 import inference_pb2_grpc
 from crossfield.v1.messages import compute_request
 
@@ -104,10 +105,14 @@ def request_for(
 
 @contextmanager
 def running_server(
-    models: dict[str, CrossfieldMACE], dtype: torch.dtype = torch.float64, **limits
+    models: dict[str, CrossfieldMACE],
+    dtype: torch.dtype = torch.float64,
+    backend: Backend | None = None,
+    **limits,
 ) -> Iterator[InferenceServer]:
     """A real server on 127.0.0.1 (ephemeral gRPC and metrics ports) serving ``models``
-    by name; ``limits`` override BatchLimits fields or ``max_atoms_per_structure``."""
+    by name with ``backend`` (default eager); ``limits`` override BatchLimits fields or
+    ``max_atoms_per_structure``."""
     max_atoms = limits.pop("max_atoms_per_structure", 4096)
     config = ServerConfig(
         host="127.0.0.1",
@@ -120,6 +125,7 @@ def running_server(
         max_atoms_per_structure=max_atoms,
         max_workers=48,
         grace=5.0,
+        backend=backend or Backend(),
     )
     server = InferenceServer(config)
     for name, model in models.items():

@@ -115,7 +115,7 @@ class HeadInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., level_of_theory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latest", "versions", "heads", "default_head", "elements", "cutoff", "dtype", "device", "max_atoms_per_structure", "metadata")
+    __slots__ = ("name", "version", "latest", "versions", "heads", "default_head", "elements", "cutoff", "dtype", "device", "max_atoms_per_structure", "metadata", "backend")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_ATOMS_PER_STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     latest: bool
@@ -140,7 +141,8 @@ class ModelInfo(_message.Message):
     device: str
     max_atoms_per_structure: int
     metadata: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., latest: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., elements: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_atoms_per_structure: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    backend: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., latest: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., elements: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_atoms_per_structure: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
