@@ -34,7 +34,8 @@ RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/torch-
 # A fixed numeric uid so that Kubernetes' runAsNonRoot can verify it.
 RUN groupadd --gid 10001 crossfield \
     && useradd --uid 10001 --gid crossfield --create-home --shell /usr/sbin/nologin crossfield \
-    && install -d -o root -g root -m 0755 /models
+    && install -d -o root -g root -m 0755 /models \
+    && install -d -o 10001 -g 10001 -m 0700 /cache
 
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/crossfield-healthcheck
 
@@ -43,6 +44,10 @@ USER 10001:10001
 
 # The model repository (<repo>/<model>/<version>/{model.pt, meta.json}); mount it read-only.
 VOLUME ["/models"]
+# Compiled artefacts of --backend compile/script/tensorrt ($XDG_CACHE_HOME/crossfield): mount
+# a persistent volume here (writable by uid 10001) so that a restarted container does not
+# compile its models again.
+ENV XDG_CACHE_HOME=/cache
 
 # gRPC (crossfield.v1.Inference, health, reflection) and Prometheus metrics.
 EXPOSE 50051 9090

@@ -57,7 +57,13 @@ STRESS_OUTPUTS = ("virials", "stress")
 # Dynamo settings for our graphs: trace torch.autograd.grad into the graph (forces and
 # stress without a graph break), and treat Python floats (model constants) as constants:
 # otherwise dynamo first makes them symbolic, then restarts the whole analysis.
-COMPILE_CONFIG = {"trace_autograd_ops": True, "specialize_float": True}
+# Settings a torch release does not know are left out: without trace_autograd_ops the graph
+# breaks at the gradient, and AOTAutograd's compiled backward computes the forces.
+COMPILE_CONFIG = {
+    name: value
+    for name, value in {"trace_autograd_ops": True, "specialize_float": True}.items()
+    if hasattr(torch._dynamo.config, name)
+}
 
 Outputs = dict[str, torch.Tensor]
 Step = Callable[[GraphBatch, bool, bool], Outputs]

@@ -19,6 +19,9 @@ catches any real error (a wrong edge or head moves forces by O(1)).
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +102,11 @@ def test_compiled_model_matches_eager_without_recompiling(cache_dir):
             got = compiled(batch, compute_forces=False)
             assert_matches(got, model(batch, compute_forces=False), 1e-10)
     assert compiled.compilations == 2
+    # A retired version's compiled graphs must not keep its weights alive (hot-loading).
+    weights = weakref.ref(compiled.model)
+    del compiled
+    gc.collect()
+    assert weights() is None, "the compiled graphs keep a released model alive"
 
 
 def test_server_loads_the_compiled_model_from_the_disk_cache(cache_dir):

@@ -267,6 +267,7 @@ def test_image_command_is_a_valid_serve_command_on_the_repository_volume() -> No
     defaults = serve()
     assert args.repo == Path("/models")
     assert instruction("VOLUME") == ['["/models"]']
+    assert "XDG_CACHE_HOME=/cache" in instruction("ENV")  # the compile cache, owned by 10001
     exposed = {int(port) for rest in instruction("EXPOSE") for port in rest.split()}
     assert exposed == {args.port, args.metrics_port} == {defaults.port, defaults.metrics_port}
 
