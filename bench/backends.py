@@ -198,6 +198,16 @@ def run(args: argparse.Namespace, save) -> dict:
     return result
 
 
+COLOURS = {
+    "mace-torch": "tab:blue",
+    "eager": "tab:orange",
+    "compile": "tab:green",
+    "script": "tab:red",
+    "compile:buckets": "tab:purple",
+    "tensorrt": "tab:brown",
+}
+
+
 def chart(result: dict, path: Path) -> None:
     """Speed-up over eager per workload, one panel per precision; mace-torch for scale."""
     import matplotlib
@@ -207,12 +217,12 @@ def chart(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     dtypes = sorted({r["dtype"] for r in rows})
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
     workloads_ = list(dict.fromkeys(r["workload"] for r in rows))
-    series = ["mace-torch", *backends]
-    figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
-    width = 0.8 / len(series)
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for axis, dtype in zip(axes[0], dtypes):
+        backends = list(dict.fromkeys(r["backend"] for r in rows if r["dtype"] == dtype))
+        series = ["mace-torch", *backends]
+        width = 0.8 / len(series)
         for k, label in enumerate(series):
             heights, positions = [], []
             for w, workload in enumerate(workloads_):
@@ -224,13 +234,20 @@ def chart(result: dict, path: Path) -> None:
                     if r["backend"] == label:
                         heights.append(r["speedup_vs_eager"])
                         positions.append(w)
-            bars = axis.bar([p + k * width for p in positions], heights, width, label=label)
+            bars = axis.bar(
+                [p + k * width for p in positions],
+                heights,
+                width,
+                label=label,
+                color=COLOURS.get(label),
+            )
             axis.bar_label(bars, fmt="%.2f", fontsize=7)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xticks([w + 0.4 - width / 2 for w in range(len(workloads_))], workloads_)
-        axis.set_ylabel("speed-up over Crossfield eager")
+        axis.set_ylim(0, 1.25 * max(r["speedup_vs_eager"] for r in rows))
+        axis.set_ylabel("speed-up over the Crossfield module (eager)")
         axis.set_title(f"{dtype}, CPU, {result['machine']['threads']} thread(s)")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left", ncols=3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -250,7 +267,13 @@ def main() -> None:
     parser.add_argument("--warm-cache", action="store_true", help="label: cache was warm")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument(
+        "--chart-from", type=Path, metavar="JSON", help="only draw --png from an earlier --json"
+    )
     args = parser.parse_args()
+    if args.chart_from:
+        chart(json.loads(args.chart_from.read_text()), args.png)
+        return
     args.backends = args.backends.split(",")
     args.dtypes = args.dtypes.split(",")
     args.bucket_workloads = args.bucket_workloads.split(",")
