@@ -381,6 +381,22 @@ def test_model_repository_is_a_shared_read_only_volume() -> None:
     assert source == {"claimName": claim["metadata"]["name"], "readOnly": True}
 
 
+def test_the_compile_cache_is_writable_under_a_read_only_root() -> None:
+    """The image puts compiled models under $XDG_CACHE_HOME; with a read-only root
+    filesystem that folder must be a mounted, writable volume, or --backend compile fails."""
+    deployment = only("Deployment")
+    container = server_container(deployment)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (cache,) = [
+        entry.split("=", 1)[1]
+        for rest in instruction("ENV")
+        for entry in rest.split()
+        if entry.startswith("XDG_CACHE_HOME=")
+    ]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert cache in mounts and not mounts[cache].get("readOnly", False)
+
+
 def test_tokens_come_from_the_secret_under_the_names_serve_reads() -> None:
     container = server_container(only("Deployment"))
     secrets = {s["metadata"]["name"]: s for s in manifests()["Secret"]}
