@@ -137,6 +137,15 @@ def running_server(
         server.stop(grace=2.0)
 
 
+def assert_close(actual, expected, what: str, rtol: float = 1e-10) -> None:
+    """``actual`` within ``rtol`` of the largest magnitude of ``expected`` (float64 through
+    a server: round-off only, so 1e-10 is generous)."""
+    expected = np.asarray(expected)
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    error = float(np.abs(np.asarray(actual) - expected).max()) / scale
+    assert error <= rtol, f"{what}: relative difference {error:.2e} > {rtol}"
+
+
 def stub(server: InferenceServer) -> inference_pb2_grpc.InferenceStub:
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     return inference_pb2_grpc.InferenceStub(channel)

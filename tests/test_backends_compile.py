@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import weakref
 
-import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -34,7 +33,7 @@ from backends_support import (
     structure_pool,
     tiny_model,
 )
-from server_support import request_for, running_server, scrape, stub
+from server_support import assert_close, request_for, running_server, scrape, stub
 from torch._dynamo.utils import counters
 
 from crossfield.model import HeadConfig, ModelConfig, build_model, evaluate
@@ -136,9 +135,7 @@ def test_server_loads_the_compiled_model_from_the_disk_cache(cache_dir):
     for index, reference in enumerate(want):
         got = response_results(answers[str(index)])
         for name, value in got.items():
-            expected = np.asarray(reference[name])
-            error = np.abs(np.asarray(value) - expected).max() / max(np.abs(expected).max(), 1)
-            assert error < 1e-10, f"{name} of structure {index}: relative error {error:.2g}"
+            assert_close(value, reference[name], f"{name} of structure {index}")
     labels = frozenset({("model", "one"), ("version", "1"), ("backend", "compile")})
     assert metrics[("crossfield_model_compile_seconds", labels)] > 0
 

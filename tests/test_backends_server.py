@@ -13,26 +13,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from backends_support import structure_pool, tiny_model
 from hotload_support import repository_server
-from server_support import request_for, running_server, scrape, stub
+from server_support import assert_close, request_for, running_server, scrape, stub
 
 from crossfield.model import evaluate, repository
 from crossfield.server.models import Backend
 from crossfield.v1 import inference_pb2
 from crossfield.v1.messages import response_results
-
-RTOL = 1e-10  # float64 through a trace: the same kernels as eager, round-off only
-
-
-def assert_close(actual, expected, what: str) -> None:
-    expected = np.asarray(expected)
-    scale = max(float(np.abs(expected).max()), 1e-12)
-    error = float(np.abs(np.asarray(actual) - expected).max()) / scale
-    assert error <= RTOL, f"{what}: relative difference {error:.2e} > {RTOL}"
 
 
 def compute_all(server, structures, model: str) -> list[dict]:

@@ -7,11 +7,11 @@ import threading
 from collections import Counter
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from server_support import (
     HEADS,
+    assert_close,
     request_for,
     running_server,
     scrape,
@@ -23,8 +23,6 @@ from server_support import (
 from crossfield.model import evaluate
 from crossfield.v1 import inference_pb2
 from crossfield.v1.messages import response_results
-
-RTOL = 1e-10
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,13 +38,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     return small_model()
-
-
-def assert_close(actual: np.ndarray | float, expected: np.ndarray | float, what: str) -> None:
-    expected = np.asarray(expected)
-    scale = max(float(np.abs(expected).max()), 1e-12)
-    error = float(np.abs(np.asarray(actual) - expected).max()) / scale
-    assert error <= RTOL, f"{what}: relative difference {error:.2e} > {RTOL}"
 
 
 def properties_for(structure, index: int) -> tuple[str, ...]:
