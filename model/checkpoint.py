@@ -7,6 +7,7 @@ from anywhere can be opened without trusting it.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -14,11 +15,15 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, cutoff_jump_sources
 from .mace import CrossfieldMACE, build_model
 
+log = logging.getLogger(__name__)
+
 FORMAT = "crossfield-checkpoint"
-FORMAT_VERSION = 1
+# 2: non-linear blocks envelope their radial-MLP outputs whatever apply_cutoff says, and
+# the ZBL switch is capped at r_max (smooth at the cutoff); ``reproduce_cutoff_jump``.
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(
@@ -62,7 +67,29 @@ def _read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> 
         raise ValueError(
             f"{path}: checkpoint format {payload['format_version']} is newer than this Crossfield"
         )
+    if payload.get("format_version", 0) < 2:
+        payload["config"] = _upgrade_from_v1(payload["config"], path)
     return payload
+
+
+def _upgrade_from_v1(config: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """A format-1 config that keeps meaning what its weights were trained with.
+
+    Format 1 left non-linear blocks unenveloped when ``apply_cutoff`` was true, and let
+    the ZBL switch reach beyond r_max. Such weights are loaded with
+    ``reproduce_cutoff_jump`` so they give the numbers they were trained to give, and
+    the jump is reported: fine-tuning (which always builds a smooth model) is the cure.
+    """
+    sources = cutoff_jump_sources(ModelConfig.from_dict(config))
+    if not sources:
+        return config
+    log.warning(
+        "%s: this model (checkpoint format 1) is discontinuous at its cutoff: %s. It is "
+        "loaded as trained; fine-tune it with crossfield train for a smooth model.",
+        path,
+        "; ".join(sources),
+    )
+    return {**config, "reproduce_cutoff_jump": True}
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import ase.data
 from e3nn import o3
 
 INTERACTION_KINDS = ("plain", "residual", "density", "density_residual", "nonlinear")
@@ -38,6 +39,13 @@ class HeadConfig:
     element table, in that order. ``scale`` and ``shift`` map the network's dimensionless
     atomic energies to eV: ``E_i = e0[z_i] + scale * (network_i + zbl_i) + shift``.
     ``level_of_theory`` is free-form metadata (functional, basis, code, ...).
+
+    ``elements`` is the head's *coverage*: the atomic numbers its training data held.
+    The element table is shared by all heads, so a head can be asked about an element
+    it never saw (its E0 is then 0 and its answer an extrapolation); the server refuses
+    that unless the caller opts in. ``systems`` names the kinds of structure it was
+    trained on (``molecule``, ``bulk``, ``slab_adsorbate``, ...). ``None``: unknown
+    (e.g. imported models), and then nothing is refused.
     """
 
     name: str
@@ -45,11 +53,23 @@ class HeadConfig:
     scale: float = 1.0
     shift: float = 0.0
     level_of_theory: dict[str, Any] = field(default_factory=dict)
+    elements: list[int] | None = None
+    systems: list[str] | None = None
 
 
 @dataclass
 class ModelConfig:
-    """Hyperparameters of the enhanced multi-head MACE (see SCIENCE.md for the equations)."""
+    """Hyperparameters of the enhanced multi-head MACE (see SCIENCE.md for the equations).
+
+    ``apply_cutoff`` says where the polynomial envelope goes: on the Bessel features
+    (true) or on the radial networks' outputs (false). Either way every edge quantity
+    that reaches the energy vanishes smoothly at ``r_max``: blocks whose radial network
+    is not zero-preserving (``nonlinear``: biases, LayerNorm, element embeddings) always
+    envelope their outputs too, and the ZBL switch radius never exceeds ``r_max``.
+    ``reproduce_cutoff_jump`` turns both of those off, to reproduce exactly a mace-torch
+    model that is itself discontinuous at r_max; only ``import-mace`` sets it, and
+    training refuses it (:func:`cutoff_jump_sources` says why a source would jump).
+    """
 
     elements: list[int]
     heads: list[HeadConfig]
@@ -59,6 +79,7 @@ class ModelConfig:
     distance_transform: str = "none"
     pair_repulsion: bool = False
     apply_cutoff: bool = True
+    reproduce_cutoff_jump: bool = False
     max_ell: int = 3
     hidden_irreps: str = "32x0e+32x1o"
     edge_irreps: str | None = None
@@ -137,6 +158,14 @@ class ModelConfig:
         for head in self.heads:
             if not head.name or not isinstance(head.name, str):
                 fail("heads", f"head name must be a non-empty string, got {head.name!r}")
+            if head.elements is not None:
+                head.elements = sorted(int(z) for z in head.elements)
+                outside = sorted(set(head.elements) - set(self.elements))
+                if outside:
+                    fail(
+                        f"heads[{head.name}].elements",
+                        f"{_symbols(outside)} are not in the model's element table",
+                    )
             if len(head.e0s) != self.num_elements:
                 fail(
                     f"heads[{head.name}].e0s",
@@ -191,3 +220,48 @@ class ModelConfig:
             fail("readout_mlp_irreps", f"must be scalars, got {mlp}")
         if not self.avg_num_neighbors > 0:
             fail("avg_num_neighbors", f"must be positive, got {self.avg_num_neighbors}")
+        if self.reproduce_cutoff_jump and not cutoff_jump_sources(self):
+            fail(
+                "reproduce_cutoff_jump",
+                "this architecture has no cutoff jump to reproduce (it needs "
+                "interaction=nonlinear with apply_cutoff=true, or pair_repulsion with "
+                "element pairs whose covalent radii add up to r_max or more)",
+            )
+
+
+def _symbols(numbers: list[int]) -> str:
+    return ", ".join(ase.data.chemical_symbols[z] for z in numbers)
+
+
+def cutoff_jump_sources(config: ModelConfig) -> list[str]:
+    """What would make the energy jump at r_max under mace-torch's semantics.
+
+    mace-torch multiplies a block's radial-network outputs by the envelope only when
+    ``apply_cutoff`` is false, and switches ZBL off at the pair's covalent radii sum
+    even beyond r_max. Crossfield models are smooth regardless (see ``ModelConfig``);
+    this list names the config fields behind each jump that ``reproduce_cutoff_jump``
+    would reproduce, for import-mace's warning and for validation.
+    """
+    sources = []
+    kinds = {config.interaction_first, config.interaction}
+    if config.apply_cutoff and "nonlinear" in kinds:
+        sources.append(
+            "interaction=nonlinear with apply_cutoff=true: the radial MLP (biases, "
+            "LayerNorm, element embeddings) is not enveloped, so tensor-product weights "
+            "and densities are non-zero at r_max"
+        )
+    if config.pair_repulsion:
+        radii = {z: float(ase.data.covalent_radii[z]) for z in config.elements}
+        pairs = [
+            f"{ase.data.chemical_symbols[a]}-{ase.data.chemical_symbols[b]}"
+            for i, a in enumerate(config.elements)
+            for b in config.elements[i:]
+            if radii[a] + radii[b] >= config.r_max
+        ]
+        if pairs:
+            sources.append(
+                f"pair_repulsion: the ZBL switch radius (sum of covalent radii) reaches "
+                f"r_max={config.r_max} for {', '.join(pairs[:10])}"
+                + (f" and {len(pairs) - 10} more pairs" if len(pairs) > 10 else "")
+            )
+    return sources

@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_checkpoint
+from .config import cutoff_jump_sources
 from .heads import select_heads
+from .mace import CrossfieldMACE
 from .mace_file import read_mace_file
 from .mace_import import UnsupportedMaceModelError, convert_mace, mace_state_dict
 from .repository import publish
+from .smoothness import cutoff_jumps, element_pairs
 
 DESCRIPTION = """\
 Convert a mace-torch MACE / ScaleShiftMACE model (.model file, written under any e3nn
@@ -64,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossfield import-mace: {err}", file=sys.stderr)
         return 1
     meta = {
-        "source": str(args.source),
+        "source": args.source.name,
         "converted_from": "mace-torch",
         "heads": model.config.head_names,
     }
+    if model.config.reproduce_cutoff_jump:
+        meta["cutoff_jump_eV"] = warn_cutoff_jump(model)
     if args.out.suffix == ".pt":
         save_checkpoint(model, args.out, metadata=meta)
         where = args.out
@@ -83,3 +88,28 @@ def run(args: argparse.Namespace) -> int:
         f"heads {config.head_names}, {precision}"
     )
     return 0
+
+
+MEASURED_PAIRS = 300  # dimers per head probed for the jump (all pairs of small tables)
+
+
+def warn_cutoff_jump(model: CrossfieldMACE) -> float:
+    """Say that (and by how much) the source is discontinuous; return the largest jump.
+
+    The converted model reproduces mace-torch exactly, jump included, because agreement
+    with the source is what an import promises; the user learns how large it is and
+    that fine-tuning with ``crossfield train`` gives a smooth model.
+    """
+    config = model.config
+    pairs = element_pairs(config.elements, limit=MEASURED_PAIRS)
+    worst = cutoff_jumps(model, pairs=pairs)[0]
+    print(
+        f"warning: the source model's energy is discontinuous at r_max={config.r_max} A: "
+        f"{'; '.join(cutoff_jump_sources(config))}.\n"
+        f"  measured on {len(pairs)} element pairs x {config.num_heads} heads: largest jump "
+        f"{worst.describe()}.\n"
+        "  The import reproduces mace-torch exactly, jump included; NVE dynamics will not "
+        "conserve energy. Fine-tune it with `crossfield train` for a smooth model.",
+        file=sys.stderr,
+    )
+    return abs(worst.jump)

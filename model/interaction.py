@@ -163,19 +163,19 @@ class _SumNormalisedBlock(InteractionBlock):
         edge_attrs: torch.Tensor,
         edge_feats: torch.Tensor,
         edge_index: torch.Tensor,
-        cutoff: torch.Tensor | None,
+        envelope: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_atoms = node_feats.shape[0]
         skip = self.skip(node_feats, node_attrs) if self.residual else None
         up = self.linear_up(node_feats)
         tp_weights = self.radial(edge_feats)
-        if cutoff is not None:
-            tp_weights = tp_weights * cutoff
+        if envelope is not None:
+            tp_weights = tp_weights * envelope
         message = self.convolve(up, edge_attrs, tp_weights, edge_index)
         if self.density:
             edge_density = torch.tanh(self.density_net(edge_feats) ** 2)
-            if cutoff is not None:
-                edge_density = edge_density * cutoff
+            if envelope is not None:
+                edge_density = edge_density * envelope
             message = self.linear(message) / (
                 scatter_sum(edge_density, edge_index[1], num_atoms) + 1
             )
@@ -243,7 +243,7 @@ class NonLinearInteraction(InteractionBlock):
         edge_attrs: torch.Tensor,
         edge_feats: torch.Tensor,
         edge_index: torch.Tensor,
-        cutoff: torch.Tensor | None,
+        envelope: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_atoms = node_feats.shape[0]
         sender, receiver = edge_index
@@ -260,9 +260,9 @@ class NonLinearInteraction(InteractionBlock):
         )
         tp_weights = self.radial(edge_inputs)
         edge_density = torch.tanh(self.density_net(edge_inputs) ** 2)
-        if cutoff is not None:
-            tp_weights = tp_weights * cutoff
-            edge_density = edge_density * cutoff
+        if envelope is not None:
+            tp_weights = tp_weights * envelope
+            edge_density = edge_density * envelope
         density = scatter_sum(edge_density, receiver, num_atoms)
         message = self.convolve(up, edge_attrs, tp_weights, edge_index)
         message = self.linear_message(message) / (density * self.beta + self.alpha) + residual

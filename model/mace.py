@@ -83,6 +83,24 @@ def derivatives(
     return out
 
 
+def output_envelopes(config: ModelConfig) -> list[bool]:
+    """Whether each layer's block multiplies its radial-network outputs by the envelope.
+
+    Always when the Bessel features are not enveloped (``apply_cutoff=False``). With
+    enveloped features, the bias-free e3nn networks of the sum-normalised blocks map the
+    zero features at r_max to zero weights by themselves, so they need nothing more
+    (mace-torch's semantics, kept for exact agreement). The non-linear block's radial
+    MLP does not: its biases, LayerNorm and element embeddings give non-zero weights and
+    densities at r_max, so its outputs are always enveloped unless the config asks to
+    reproduce a discontinuous source (``reproduce_cutoff_jump``).
+    """
+    kinds = [config.interaction_first] + [config.interaction] * (config.num_layers - 1)
+    return [
+        not config.apply_cutoff or (kind == "nonlinear" and not config.reproduce_cutoff_jump)
+        for kind in kinds
+    ]
+
+
 class CrossfieldMACE(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -110,7 +128,11 @@ class CrossfieldMACE(torch.nn.Module):
             config.distance_transform,
             config.apply_cutoff,
         )
-        self.pair_repulsion = ZBLRepulsion(config.cutoff_p) if config.pair_repulsion else None
+        self.pair_repulsion = (
+            ZBLRepulsion(config.cutoff_p, None if config.reproduce_cutoff_jump else config.r_max)
+            if config.pair_repulsion
+            else None
+        )
         sh_irreps = o3.Irreps.spherical_harmonics(config.max_ell)
         self.spherical_harmonics = o3.SphericalHarmonics(
             sh_irreps, normalize=True, normalization="component"
@@ -152,6 +174,7 @@ class CrossfieldMACE(torch.nn.Module):
         self.skip_used = [
             t == 0 and HAS_SKIP[config.interaction_first] or t > 0 for t in range(config.num_layers)
         ]
+        self.output_envelopes = output_envelopes(config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -226,7 +249,7 @@ class CrossfieldMACE(torch.nn.Module):
         z = self.atomic_numbers[elements]
         sender, receiver = batch.edge_index
         edge_attrs = self.spherical_harmonics(vectors)
-        edge_feats, cutoff = self.radial_embedding(lengths, z[sender], z[receiver])
+        edge_feats, envelope = self.radial_embedding(lengths, z[sender], z[receiver])
 
         interaction_energy = torch.zeros_like(lengths[:, 0]).new_zeros(elements.shape[0])
         if self.pair_repulsion is not None:
@@ -236,11 +259,16 @@ class CrossfieldMACE(torch.nn.Module):
 
         node_feats = self.node_embedding(node_attrs)
         layer_features = []
-        for interaction, product, skip_used in zip(
-            self.interactions, self.products, self.skip_used
+        for interaction, product, skip_used, enveloped in zip(
+            self.interactions, self.products, self.skip_used, self.output_envelopes
         ):
             message, skip = interaction(
-                node_feats, node_attrs, edge_attrs, edge_feats, batch.edge_index, cutoff
+                node_feats,
+                node_attrs,
+                edge_attrs,
+                edge_feats,
+                batch.edge_index,
+                envelope if enveloped else None,
             )
             node_feats = product(message, elements, skip if skip_used else None)
             layer_features.append(node_feats)

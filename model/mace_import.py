@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import HeadConfig, ModelConfig
+from .config import HeadConfig, ModelConfig, cutoff_jump_sources
 from .mace import CrossfieldMACE, build_model
 
 INTERACTION_CLASSES = {
@@ -216,7 +216,7 @@ def config_from_mace(model: Any) -> ModelConfig:
 
     radial_mlp = list(_attr(interactions[0], "radial_MLP", [64, 64, 64]))
     cutoff = _child(radial, "cutoff_fn")
-    return ModelConfig(
+    config = ModelConfig(
         elements=elements,
         heads=[
             HeadConfig(
@@ -248,6 +248,9 @@ def config_from_mace(model: Any) -> ModelConfig:
         last_readout_only=last_readout_only,
         avg_num_neighbors=avg.pop(),
     )
+    # mace-torch's semantics, reproduced exactly: import-mace reports the jump it measures.
+    config.reproduce_cutoff_jump = bool(cutoff_jump_sources(config))
+    return config
 
 
 # -- weights ---------------------------------------------------------------------------------

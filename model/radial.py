@@ -80,12 +80,17 @@ class AgnesiTransform(torch.nn.Module):
 class ZBLRepulsion(torch.nn.Module):
     """Universal ZBL screened nuclear repulsion, switched off at the sum of covalent radii.
 
-    Returns per-atom energies (half of each pair on its receiver) in eV.
+    Returns per-atom energies (half of each pair on its receiver) in eV. The switch is
+    the polynomial envelope at the covalent radii sum, capped at ``r_max`` when given.
     """
 
-    def __init__(self, p: int) -> None:
+    def __init__(self, p: int, r_max: float | None = None) -> None:
         super().__init__()
         self.p = int(p)
+        # None: switch at the covalent radii sum even beyond the cutoff (mace-torch, whose
+        # pairs with a larger sum than r_max then jump); otherwise the switch radius is
+        # capped at the model's cutoff so every pair vanishes smoothly there.
+        self.r_max = r_max
         self.register_buffer("coefficients", torch.tensor([0.1818, 0.5099, 0.2802, 0.02817]))
         self.register_buffer("exponents", torch.tensor([3.2, 0.9423, 0.4028, 0.2016]))
         self.register_buffer("a_exp", torch.tensor(0.300))
@@ -109,17 +114,19 @@ class ZBLRepulsion(torch.nn.Module):
         phi = sum(c * torch.exp(-e * x) for c, e in zip(self.coefficients, self.exponents))
         pair = 14.3996 * z_u * z_v / r * phi
         r_switch = self.covalent_radii[z_u] + self.covalent_radii[z_v]
+        if self.r_max is not None:
+            r_switch = r_switch.clamp(max=self.r_max)
         pair = 0.5 * pair * polynomial_envelope(r, r_switch, self.p)
         out = torch.zeros(num_atoms, 1, dtype=r.dtype, device=r.device)
         return out.index_add_(0, receiver, pair).squeeze(-1)
 
 
 class RadialEmbedding(torch.nn.Module):
-    """Edge features for the radial networks, and the envelope when applied later.
+    """Edge features for the radial networks, and the envelope for their outputs.
 
-    With ``apply_cutoff`` the envelope multiplies the Bessel features here and the
-    returned cutoff is ``None``; otherwise the features are unenveloped and the blocks
-    multiply their radial-network outputs by the returned envelope (MH-1 style).
+    With ``apply_cutoff`` the envelope multiplies the Bessel features here; the envelope
+    is returned either way, and the model decides which blocks multiply their radial
+    network outputs by it (``CrossfieldMACE.output_envelopes``).
     """
 
     def __init__(
@@ -139,11 +146,11 @@ class RadialEmbedding(torch.nn.Module):
 
     def forward(
         self, r: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         envelope = self.cutoff(r)
         if self.transform is not None:
             r = self.transform(r, z_sender, z_receiver)
         features = self.bessel(r)
         if self.apply_cutoff:
-            return features * envelope, None
+            features = features * envelope
         return features, envelope

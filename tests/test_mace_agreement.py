@@ -234,11 +234,41 @@ def test_import_mace_command_publishes_a_version_with_selected_heads(tmp_path, c
         "wb97m,pbe",
     ]
     assert main(argv) == 0
-    assert "heads ['wb97m', 'pbe']" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "heads ['wb97m', 'pbe']" in printed.out
+    # nonlinear blocks with mace-torch's default apply_cutoff=True jump at r_max: said so
+    assert "discontinuous at r_max" in printed.err and "largest jump" in printed.err
     assert list_versions(repo, "mh") == [1]
     assert read_meta(repo, "mh", 1)["heads"] == ["wb97m", "pbe"]
+    assert read_meta(repo, "mh", 1)["cutoff_jump_eV"] > 1e-6
     converted = load_checkpoint(repo / "mh" / "1" / CHECKPOINT_NAME)
     worst = compare(model, converted, ["wb97m", "pbe"])
     assert worst["energy"] < 1e-8 and worst["forces"] < 1e-7, worst
     assert main(argv[:2] + ["--out", str(tmp_path / "x.pt"), "--heads", "nope"]) == 1
     assert "unknown head 'nope'" in capsys.readouterr().err
+
+
+def test_discontinuous_source_is_reproduced_and_its_jump_measured_like_mace():
+    """mace-torch non-linear blocks with apply_cutoff=True are discontinuous at r_max;
+    the import reproduces that exactly, and the jump we measure is mace-torch's own."""
+    from ase import Atoms
+
+    from crossfield.model.smoothness import STEP, cutoff_jumps
+
+    model = mace_reference.make_mace_model(
+        ELEMENTS, HEADS[:2], first="nonlinear", interaction="nonlinear", agnostic=True, zbl=True
+    )
+    ours = convert_mace(model)
+    assert ours.config.reproduce_cutoff_jump
+    worst = cutoff_jumps(ours)[0]
+    r_max = ours.config.r_max
+    dimers = [
+        Atoms(numbers=list(worst.pair), positions=[[0, 0, 0], [d, 0, 0]])
+        for d in (r_max - STEP, r_max + STEP)
+    ]
+    reference, _ = mace_reference.evaluate_mace(
+        model, dimers, list(model.heads), [worst.head] * 2, compute_stress=False
+    )
+    mace_jump = float(reference["energy"][0] - reference["energy"][1])
+    assert abs(worst.jump) > 1e-4
+    assert abs(mace_jump - worst.jump) < 1e-9 * max(1.0, abs(mace_jump))

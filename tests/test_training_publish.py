@@ -74,7 +74,10 @@ def test_train_flags_reach_the_model_and_the_first_version_is_published(trained)
     assert model.config.heads[0].e0s == [-0.2, -0.1]  # table order: Al, Cu
     meta = json.loads((version / "meta.json").read_text())
     assert meta["name"] == "cu-al" and meta["version"] == 1
-    assert meta["heads"] == [{"name": "emt", "level_of_theory": {"method": "EMT"}}]
+    # the head's coverage: the elements of its training data (the file has no config_type)
+    assert meta["heads"] == [
+        {"name": "emt", "level_of_theory": {"method": "EMT"}, "elements": [13, 29], "systems": None}
+    ]
     assert (
         meta["training"]["loss"]["kind"] == "huber" and meta["training"]["optimizer"]["lr"] == 5e-3
     )
@@ -83,6 +86,8 @@ def test_train_flags_reach_the_model_and_the_first_version_is_published(trained)
     assert meta["metrics"]["emt"]["valid"]["forces_rmse_mev_per_a"] > 0
     assert meta["parent"] is None
     assert meta["provenance"]["data"]["emt.train_file"]["sha256"]
+    # no machine paths in what travels with the model (it is shown to clients)
+    assert str(trained) not in json.dumps(meta)
     assert meta["config"]["elements"] == [13, 29]
 
 

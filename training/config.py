@@ -197,6 +197,12 @@ class TrainConfig:
                 fail("finetune.elements", f"must be restrict or keep, got {ft.elements!r}")
             if ft.scale_shift not in ("foundation", "data"):
                 fail("finetune.scale_shift", f"must be foundation or data, got {ft.scale_shift!r}")
+        if self.model.get("reproduce_cutoff_jump"):
+            fail(
+                "model.reproduce_cutoff_jump",
+                "Crossfield trains only models that are smooth at the cutoff; this option "
+                "exists to reproduce imported discontinuous models",
+            )
         for key in ("heads",):
             if key in self.model:
                 fail(

@@ -56,6 +56,7 @@ class Configuration:
     forces_weight: float = 1.0
     stress_weight: float = 1.0
     source: str = ""  # file and index, for error messages and provenance
+    config_type: str = ""  # what kind of structure (info["config_type"]), for head coverage
 
     @property
     def num_atoms(self) -> int:
@@ -119,6 +120,7 @@ def configuration_from_atoms(
         forces_weight=number(keys.forces_weight),
         stress_weight=number(keys.stress_weight),
         source=source,
+        config_type=str(atoms.info.get("config_type", "")),
     )
 
 
@@ -152,6 +154,12 @@ def split_validation(
     valid = [configs[i] for i in sorted(order[:n_valid])]
     train = [configs[i] for i in sorted(order[n_valid:])]
     return train, valid
+
+
+def systems_of(configs: Sequence[Configuration]) -> list[str] | None:
+    """The sorted kinds of structure in ``configs``; None when no configuration says."""
+    kinds = sorted({c.config_type for c in configs if c.config_type})
+    return kinds or None
 
 
 def elements_of(configs: Sequence[Configuration]) -> list[int]:

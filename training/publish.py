@@ -8,6 +8,7 @@ the parent model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,12 +31,19 @@ def build_meta(checkpoint: Path, extra: dict[str, Any] | None) -> dict[str, Any]
         "dtype": str(model.dtype).removeprefix("torch."),
         "elements": config["elements"],
         "heads": [
-            {"name": h["name"], "level_of_theory": h["level_of_theory"]} for h in config["heads"]
+            {
+                "name": h["name"],
+                "level_of_theory": h["level_of_theory"],
+                "elements": h["elements"],
+                "systems": h["systems"],
+            }
+            for h in config["heads"]
         ],
         "metrics": metadata.get("metrics", {}),
         "parent": metadata.get("parent"),
         "provenance": {
-            "source_checkpoint": str(checkpoint.resolve()),
+            "source_checkpoint": checkpoint.name,
+            "source_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
             "created": metadata.get("created"),
             "training_name": metadata.get("name"),
             **(metadata.get("provenance") or {}),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from crossfield.model import CrossfieldMACE, HeadConfig, ModelConfig, load_checkpoint
+from crossfield.model.config import cutoff_jump_sources
 from crossfield.training.config import TrainConfig
 from crossfield.training.data import (
     Configuration,
@@ -41,6 +42,7 @@ from crossfield.training.data import (
     elements_of,
     read_configurations,
     split_validation,
+    systems_of,
 )
 from crossfield.training.setup import HeadData, head_e0s, read_head_data
 from crossfield.training.statistics import scale_and_shift
@@ -236,6 +238,7 @@ def prepare_finetune(config: TrainConfig) -> tuple[CrossfieldMACE, list[HeadData
                 scale=pt_scale,
                 shift=pt_shift,
                 level_of_theory=dict(foundation.config.heads[pt_index].level_of_theory),
+                **_kept_coverage(foundation.config.heads[pt_index], elements),
             )
         )
     for head, data in zip(config.heads, new_heads):
@@ -254,10 +257,23 @@ def prepare_finetune(config: TrainConfig) -> tuple[CrossfieldMACE, list[HeadData
                 scale=scale if head.scale is None else head.scale,
                 shift=shift if head.shift is None else head.shift,
                 level_of_theory=dict(head.level_of_theory),
+                elements=elements_of(data.train),
+                systems=systems_of(data.train),
             )
         )
+    if foundation.config.reproduce_cutoff_jump:
+        log.warning(
+            "the foundation is discontinuous at its cutoff (%s); the fine-tuned model "
+            "envelopes its radial networks and is smooth",
+            "; ".join(cutoff_jump_sources(foundation.config)),
+        )
     model_config = ModelConfig.from_dict(
-        {**foundation.config.to_dict(), "elements": elements, "heads": head_configs}
+        {
+            **foundation.config.to_dict(),
+            "elements": elements,
+            "heads": head_configs,
+            "reproduce_cutoff_jump": False,
+        }
     )
     model = transplant(foundation, model_config, [pt] * len(head_configs), seed=config.seed)
 
@@ -274,7 +290,7 @@ def prepare_finetune(config: TrainConfig) -> tuple[CrossfieldMACE, list[HeadData
     else:
         copies = 1
     parent = {
-        "path": str(Path(config.foundation).resolve()),
+        "path": Path(config.foundation).name,
         "sha256": hashlib.sha256(Path(config.foundation).read_bytes()).hexdigest(),
         "name": getattr(foundation, "metadata", {}).get("name"),
         "head": pt,
@@ -284,6 +300,17 @@ def prepare_finetune(config: TrainConfig) -> tuple[CrossfieldMACE, list[HeadData
         "elements": foundation.config.elements,
     }
     return model, heads, parent
+
+
+def _kept_coverage(head: HeadConfig, elements: list[int]) -> dict[str, Any]:
+    """The foundation head's coverage within the fine-tuned element table.
+
+    The replayed head was trained on the foundation's data, not only on the replay
+    subset, so it keeps the foundation's coverage (unknown stays unknown).
+    """
+    if head.elements is None:
+        return {"elements": None, "systems": head.systems}
+    return {"elements": [z for z in head.elements if z in elements], "systems": head.systems}
 
 
 def _replay_data(

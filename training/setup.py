@@ -18,6 +18,7 @@ from crossfield.training.data import (
     elements_of,
     read_configurations,
     split_validation,
+    systems_of,
 )
 from crossfield.training.statistics import average_num_neighbours, fit_e0s, scale_and_shift
 
@@ -82,6 +83,8 @@ def head_config(
         scale=scale,
         shift=shift,
         level_of_theory=dict(head.level_of_theory),
+        elements=elements_of(data.train),
+        systems=systems_of(data.train),
     )
 
 

@@ -88,7 +88,8 @@ def transplant(
 
 
 def _check_compatible(old: ModelConfig, new: ModelConfig) -> None:
-    skip = {"elements", "heads"}
+    # a smooth model may be transplanted from a discontinuous one (same weights)
+    skip = {"elements", "heads", "reproduce_cutoff_jump"}
     for key, value in old.to_dict().items():
         if key not in skip and new.to_dict()[key] != value:
             raise ValueError(

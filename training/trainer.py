@@ -298,8 +298,8 @@ class Trainer:
             "name": self.config.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "provenance": provenance(self.config, self.heads, self.dist.world_size),
-            "training": self.config.to_dict(),
-            "parent": self.parent,
+            "training": without_paths(self.config.to_dict()),
+            "parent": without_paths(self.parent),
             **extra,
         }
         return json.loads(json.dumps(meta, default=str))
@@ -377,7 +377,6 @@ def provenance(config: TrainConfig, heads: Sequence[HeadData], world_size: int) 
         "torch": str(torch.__version__),
         "numpy": np.__version__,
         "python": platform.python_version(),
-        "host": platform.node(),
         "world_size": world_size,
         "data": files,
         "num_configurations": {
@@ -401,9 +400,36 @@ def _file_info(path: str) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        return {"path": str(p)}
+        return {"name": portable_name(path)}
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest}
+    return {"name": portable_name(path), "bytes": p.stat().st_size, "sha256": digest}
+
+
+PATH_KEYS = ("path", "output_dir", "publish", "foundation")
+
+
+def portable_name(path: str) -> str:
+    """A file's name and its folder's (``molecules_gfn2/train.extxyz.gz``), no machine path.
+
+    A published checkpoint travels to other machines and its metadata is shown to
+    clients: it names files by what identifies them (this, plus size and sha256), never
+    by where they lay on the training machine.
+    """
+    return "/".join(Path(path).parts[-2:])
+
+
+def without_paths(data: Any) -> Any:
+    """``data`` with every file-path value (``PATH_KEYS``, ``*_file``) made portable."""
+    if isinstance(data, dict):
+        return {
+            key: portable_name(value)
+            if isinstance(value, str) and (key in PATH_KEYS or key.endswith("_file"))
+            else without_paths(value)
+            for key, value in data.items()
+        }
+    if isinstance(data, list):
+        return [without_paths(item) for item in data]
+    return data
 
 
 def _describe(record: dict[str, Any]) -> str:

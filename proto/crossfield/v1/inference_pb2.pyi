@@ -65,23 +65,25 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("id", "model", "version", "head", "properties", "structure")
+    __slots__ = ("id", "model", "version", "head", "properties", "structure", "allow_extrapolation")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: str
     head: str
     properties: _containers.RepeatedScalarFieldContainer[Property]
     structure: Structure
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., head: _Optional[str] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ...) -> None: ...
+    allow_extrapolation: bool
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., head: _Optional[str] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., allow_extrapolation: _Optional[bool] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("id", "status", "model", "version", "head", "energy", "forces", "stress", "atom_energies", "queue_seconds", "compute_seconds")
+    __slots__ = ("id", "status", "model", "version", "head", "energy", "forces", "stress", "atom_energies", "queue_seconds", "compute_seconds", "extrapolation", "extrapolated_elements")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,8 @@ class ComputeResponse(_message.Message):
     ATOM_ENERGIES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATED_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: Status
     model: str
@@ -104,15 +108,23 @@ class ComputeResponse(_message.Message):
     atom_energies: Array
     queue_seconds: float
     compute_seconds: float
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., head: _Optional[str] = ..., energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ..., atom_energies: _Optional[_Union[Array, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    extrapolation: bool
+    extrapolated_elements: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., head: _Optional[str] = ..., energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ..., atom_energies: _Optional[_Union[Array, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., extrapolation: _Optional[bool] = ..., extrapolated_elements: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("name", "level_of_theory")
+    __slots__ = ("name", "level_of_theory", "coverage_known", "elements", "systems")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEVEL_OF_THEORY_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     level_of_theory: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., level_of_theory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    coverage_known: bool
+    elements: _containers.RepeatedScalarFieldContainer[int]
+    systems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., level_of_theory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., coverage_known: _Optional[bool] = ..., elements: _Optional[_Iterable[int]] = ..., systems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "latest", "versions", "heads", "default_head", "elements", "cutoff", "dtype", "device", "max_atoms_per_structure", "metadata", "backend")
