@@ -215,7 +215,13 @@ def model_info(served: ServedModel, registry: ModelRegistry) -> inference_pb2.Mo
     versions, latest = registry.versions(served.name)
     config = served.model.config
     heads = [
-        inference_pb2.HeadInfo(name=h.name, level_of_theory=_struct(h.level_of_theory))
+        inference_pb2.HeadInfo(
+            name=h.name,
+            level_of_theory=_struct(h.level_of_theory),
+            coverage_known=h.elements is not None,
+            elements=h.elements or [],
+            systems=h.systems or [],
+        )
         for h in config.heads
     ]
     return inference_pb2.ModelInfo(
@@ -246,6 +252,9 @@ def encode_result(
         "queue_seconds": result.queue_seconds,
         "compute_seconds": result.compute_seconds,
     }
+    if item.request.extrapolated_elements:
+        fields["extrapolation"] = True
+        fields["extrapolated_elements"] = item.request.extrapolated_elements
     if result.energy is not None:
         fields["energy"] = result.energy
     for name in ("forces", "stress", "atom_energies"):

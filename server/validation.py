@@ -17,6 +17,7 @@ from crossfield.model import Structure
 from crossfield.v1 import inference_pb2
 from crossfield.v1.arrays import from_array
 
+from .coverage import check_coverage, symbols
 from .errors import InvalidArgumentError, NotFoundError
 from .models import ServedModel
 from .work import CheckedRequest
@@ -63,6 +64,7 @@ def check_request(
         raise InvalidArgumentError("structure: missing")
     message = request.structure
     numbers = _numbers(message, served)
+    extrapolated = check_coverage(config, served.name, head, numbers, request.allow_extrapolation)
     positions = _positions(message, len(numbers))
     pbc = _pbc(message)
     cell = _cell(message, pbc)
@@ -84,6 +86,7 @@ def check_request(
         properties=properties,
         num_atoms=len(numbers),
         estimated_edges=max(1, int(neighbours * len(numbers))),
+        extrapolated_elements=extrapolated,
     )
 
 
@@ -130,9 +133,10 @@ def _numbers(message: inference_pb2.Structure, served: ServedModel) -> np.ndarra
     allowed[in_range] = served.element_allowed[numbers[in_range]]
     if not allowed.all():
         bad = int(numbers[np.argmin(allowed)])
+        name = symbols([bad]) if 1 <= bad <= 118 else "unknown"
         raise InvalidArgumentError(
-            f"structure.numbers: element {bad} is not in the element table of model "
-            f"{served.name!r}: {served.model.config.elements}"
+            f"structure.numbers: element {name} ({bad}) is not in the element table of model "
+            f"{served.name!r}: {symbols(served.model.config.elements)}"
         )
     return numbers
 

@@ -19,6 +19,8 @@ class CheckedRequest:
     properties: frozenset[str]  # subset of energy, forces, stress, atom_energies
     num_atoms: int
     estimated_edges: int
+    # elements outside the head's training data, answered because the request allowed it
+    extrapolated_elements: tuple[int, ...] = ()
 
 
 @dataclass

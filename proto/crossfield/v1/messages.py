@@ -50,8 +50,13 @@ def compute_request(
     head: str = "",
     properties: Iterable[str] = ("energy", "forces"),
     id: str = "",
+    allow_extrapolation: bool = False,
 ) -> inference_pb2.ComputeRequest:
-    """A ComputeRequest; ``properties`` by name (keys of ``PROPERTIES``)."""
+    """A ComputeRequest; ``properties`` by name (keys of ``PROPERTIES``).
+
+    ``allow_extrapolation``: answer (flagged) even for elements outside the head's
+    training data, instead of INVALID_ARGUMENT.
+    """
     try:
         wanted = [PROPERTIES[name] for name in properties]
     except KeyError as err:
@@ -64,13 +69,17 @@ def compute_request(
         head=head,
         properties=wanted,
         structure=structure_message(numbers, positions, cell, pbc),
+        allow_extrapolation=allow_extrapolation,
     )
 
 
 def response_results(response: inference_pb2.ComputeResponse) -> dict[str, float | np.ndarray]:
     """The results present in a response: ``energy`` (float) and numpy arrays for
-    ``forces``, ``stress`` and ``atom_energies``; only the properties that were sent."""
+    ``forces``, ``stress`` and ``atom_energies``; only the properties that were sent,
+    plus ``extrapolated_elements`` (atomic numbers) when the answer is an extrapolation."""
     results: dict[str, float | np.ndarray] = {}
+    if response.extrapolation:
+        results["extrapolated_elements"] = np.array(response.extrapolated_elements, dtype=int)
     if response.HasField("energy"):
         results["energy"] = response.energy
     for name in ("forces", "stress", "atom_energies"):
