@@ -1,11 +1,12 @@
-"""The cross-learning study and the shipped default model, end to end.
+"""The cross-learning study, end to end.
 
 ``python -m crossfield.training.study [--quick]`` trains, with ``crossfield train`` on
 the shipped data sets (``crossfield data make``):
 
 1. ``foundation``: the pretraining level (GFN2-xTB molecules), one head;
 2. ``replay``: multi-head replay fine-tuning of the foundation onto the other levels
-   (GFN1-xTB molecules + surfaces, EMT metals + surfaces) — the shipped default model;
+   (GFN1-xTB molecules + surfaces, EMT metals + surfaces), as the shipped default model is
+   made (``training/recipes/default/``) but on the study's shorter, equal budgets;
 3. ``naive``: naive fine-tuning of the foundation on the new levels only (no replay);
 4. ``scratch``: the same new heads trained from random weights on the new data only;
 5. ``single_head``: one head trained on every level's data pooled together;
@@ -40,22 +41,16 @@ DIVERSE_SET = "molecules_surfaces_gfn1"
 ALL_SETS = (PRETRAIN_SET, *NEW_SETS)
 SPLITS = ("train", "valid", "test")
 
-# The shipped default: small MH-1-style model for fast CPU inference.
-DEFAULT_ARCHITECTURE: dict[str, Any] = {
-    "r_max": 4.5,
-    "num_bessel": 8,
-    "max_ell": 2,
-    "hidden_irreps": "16x0e+16x1o",
-    "correlation": 2,
-    "num_layers": 2,
-    "interaction_first": "nonlinear",
-    "interaction": "nonlinear",
-    "product": "agnostic",
-    "distance_transform": "agnesi",
-    "pair_repulsion": True,
-    "radial_mlp": [32, 32],
-    "readout_mlp_irreps": "16x0e",
-}
+# The shipped default model's architecture (one source: its recipe), smooth at the cutoff.
+RECIPE = Path(__file__).with_name("recipes") / "default" / "foundation.yaml"
+
+
+def default_architecture() -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load(RECIPE.read_text())["model"])
+
+
 # The architecture comparison changes only the blocks and the product basis.
 ARCHITECTURES = {
     "arch_residual": {
@@ -179,11 +174,11 @@ def run_configs(data_dir: Path, work: Path, budget: Budget) -> dict[str, dict[st
         "foundation": {
             **common(work, "foundation", budget.pretrain_epochs, 0.01),
             "heads": [head_entry(data_dir, PRETRAIN_SET)],
-            "model": dict(DEFAULT_ARCHITECTURE),
+            "model": default_architecture(),
         },
         "replay": {
             **common(work, "replay", budget.finetune_epochs, 0.003),
-            "name": "crossfield-default",
+            "name": "study-replay",
             "heads": new_heads,
             "foundation": foundation,
             "finetune": {**finetune, "mode": "replay"},
@@ -197,7 +192,7 @@ def run_configs(data_dir: Path, work: Path, budget: Budget) -> dict[str, dict[st
         "scratch": {
             **common(work, "scratch", budget.scratch_epochs, 0.01),
             "heads": new_heads,
-            "model": dict(DEFAULT_ARCHITECTURE),
+            "model": default_architecture(),
         },
         "single_head": {
             **common(work, "single_head", budget.pooled_epochs, 0.01),
@@ -208,14 +203,14 @@ def run_configs(data_dir: Path, work: Path, budget: Budget) -> dict[str, dict[st
                     "level_of_theory": {"method": "GFN2-xTB + GFN1-xTB + EMT pooled"},
                 }
             ],
-            "model": dict(DEFAULT_ARCHITECTURE),
+            "model": default_architecture(),
         },
     }
     for name, change in ARCHITECTURES.items():
         configs[name] = {
             **common(work, name, budget.arch_epochs, 0.01),
             "heads": [head_entry(data_dir, DIVERSE_SET)],
-            "model": {**DEFAULT_ARCHITECTURE, **change, **matched_width(data_dir, name)},
+            "model": {**default_architecture(), **change, **matched_width(data_dir, name)},
         }
     return configs
 
@@ -244,10 +239,12 @@ def matched_width(data_dir: Path, name: str) -> dict[str, Any]:
 
     card = json.loads((data_dir / DIVERSE_SET / "card.json").read_text())
     elements = sorted(atomic_numbers[s] for s in card["total"]["elements"])
-    target = parameter_count({**DEFAULT_ARCHITECTURE, **ARCHITECTURES["arch_nonlinear"]}, elements)
+    target = parameter_count(
+        {**default_architecture(), **ARCHITECTURES["arch_nonlinear"]}, elements
+    )
     counts = {}
     for channels in range(4, 129, 2):  # counts grow with the width: stop once past the target
-        options = {**DEFAULT_ARCHITECTURE, **ARCHITECTURES[name]}
+        options = {**default_architecture(), **ARCHITECTURES[name]}
         options["hidden_irreps"] = f"{channels}x0e+{channels}x1o"
         counts[channels] = parameter_count(options, elements)
         if counts[channels] >= target:
@@ -290,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data", help="the data sets (crossfield data make)")
     parser.add_argument("--work", default="runs/study", help="training runs go here")
     parser.add_argument("--docs", default="docs", help="where study.md and the plots go")
-    parser.add_argument(
-        "--default-model", default="model/default.pt", help="where the replay model is copied"
-    )
     parser.add_argument("--quick", action="store_true", help="2 epochs on a few structures")
     parser.add_argument("--only", nargs="+", help="train only these runs (and what they need)")
     args = parser.parse_args(argv)
@@ -318,11 +312,6 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = work / "report" if args.quick else Path(args.docs)
     write_report(data_dir, work, logs, docs, quick=args.quick)
-    if "replay" in logs and not args.quick:
-        target = Path(args.default_model)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / "replay" / "model.pt", target)  # umask permissions
-        log.info("default model: %s (%.0f kB)", target, target.stat().st_size / 1e3)
     return 0
 
 

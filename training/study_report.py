@@ -33,7 +33,7 @@ MODEL_RUNS = ("foundation", "replay", "naive", "scratch", "single_head")
 ARCH_RUNS = ("arch_residual", "arch_nonlinear")
 DESCRIPTION = {
     "foundation": "pretrained on GFN2-xTB only",
-    "replay": "replay fine-tuned (3 heads) = default model",
+    "replay": "replay fine-tuned (3 heads), as the default model",
     "naive": "naive fine-tuned (new heads, no replay)",
     "scratch": "new heads from scratch, new data only",
     "single_head": "one head on all levels pooled",
