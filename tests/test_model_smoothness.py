@@ -145,3 +145,47 @@ def test_energy_and_forces_continuous_at_the_zbl_switch():
         # smooth: the step changes E by ~|F| 2 STEP and F by ~|F'| 2 STEP
         assert abs(before - after) < 1e-5 * (abs(near - after) + np.abs(f_near).max())
         assert np.abs(f_before - f_after).max() < 1e-5 * np.abs(f_near).max()
+
+
+def test_format_1_checkpoint_loads_as_trained_and_says_it_jumps(tmp_path, caplog):
+    """Weights trained under format 1's semantics keep giving the numbers they were trained
+    to give (no silent change of meaning); the jump is reported."""
+    from crossfield.model import load_checkpoint, save_checkpoint
+
+    old = large_model("nonlinear", reproduce_cutoff_jump=True)
+    save_checkpoint(old, tmp_path / "v2.pt")
+    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+    payload["format_version"] = 1
+    del payload["config"]["reproduce_cutoff_jump"]
+    torch.save(payload, tmp_path / "v1.pt")
+    with caplog.at_level("WARNING"):
+        loaded = load_checkpoint(tmp_path / "v1.pt", dtype=torch.float64)
+    assert loaded.config.reproduce_cutoff_jump
+    assert "discontinuous at its cutoff" in caplog.text
+    pairs = element_pairs(ELEMENTS)
+    np.testing.assert_array_equal(
+        dimer_energies(loaded, pairs, 4.0, "a"), dimer_energies(old, pairs, 4.0, "a")
+    )
+
+
+def test_training_refuses_a_discontinuous_architecture():
+    from crossfield.training.config import load_config
+
+    with pytest.raises(ValueError, match="model.reproduce_cutoff_jump"):
+        load_config(
+            overrides={
+                "head.train_file": "x.xyz",
+                "model.reproduce_cutoff_jump": True,
+            }
+        )
+
+
+def test_fine_tuning_a_discontinuous_source_gives_a_smooth_model():
+    """Surgery copies the weights of an imported discontinuous model into a smooth one."""
+    from crossfield.training.surgery import transplant
+
+    source = large_model("nonlinear", reproduce_cutoff_jump=True)
+    smooth = ModelConfig.from_dict({**source.config.to_dict(), "reproduce_cutoff_jump": False})
+    model = transplant(source, smooth, ["a", "b"]).eval()
+    jump, scale = largest_jump(model)
+    assert jump < RELATIVE * scale
