@@ -38,7 +38,9 @@ class Client:
     ``timeout`` is the deadline of a unary call in seconds, retries included. ``token`` is
     sent as ``authorization: Bearer <token>``; ``root_certificates`` (PEM) or ``tls=True``
     switch on TLS, ``server_name`` overrides the name checked in the certificate.
-    ``retries`` is a ``RetryPolicy`` or a number of attempts.
+    ``retries`` is a ``RetryPolicy`` or a number of attempts. ``allow_extrapolation``
+    asks for answers (flagged in ``Result.extrapolated_elements``) where a head would
+    otherwise refuse elements outside its training data.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class Client:
         client_key: bytes | None = None,
         retries: RetryPolicy | int | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        allow_extrapolation: bool = False,
     ) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         self.security = Security(
@@ -67,6 +70,7 @@ class Client:
         self.version = version or ""
         self.head = head or ""
         self.timeout = timeout
+        self.allow_extrapolation = allow_extrapolation
         self._servers = RoundRobin(
             [Connection(a, self.security, max_message_bytes) for a in addresses]
         )
@@ -180,6 +184,7 @@ class Client:
             version=self.version if version is None else version,
             head=self.head if head is None else head,
             id=id,
+            allow_extrapolation=self.allow_extrapolation,
         )
 
     # -- lifetime -----------------------------------------------------------------------------

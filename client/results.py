@@ -35,7 +35,9 @@ class Result:
     ``index`` is the structure's position in the input of ``compute_many``. Arrays are
     float64: ``forces`` [n, 3] eV/A, ``stress`` [3, 3] eV/A^3 (ASE sign convention),
     ``energies`` [n] eV. ``error`` is set (and the properties are None) when the structure
-    failed; ``model``, ``version`` and ``head`` say who answered.
+    failed; ``model``, ``version`` and ``head`` say who answered. ``extrapolated_elements``
+    (atomic numbers) is non-empty when the request allowed extrapolation and the head was
+    not trained on these elements: the numbers are then a guess, flagged as such.
     """
 
     index: int
@@ -49,6 +51,7 @@ class Result:
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     error: CrossfieldError | None = None
+    extrapolated_elements: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,7 @@ def atoms_request(
     version: str = "",
     head: str = "",
     id: str = "",
+    allow_extrapolation: bool = False,
 ) -> inference_pb2.ComputeRequest:
     """A ComputeRequest for ``atoms``; molecules travel without cell and pbc."""
     wanted = [p for p in properties if p != "stress" or has_volume(atoms)]
@@ -89,6 +93,7 @@ def atoms_request(
         head=head,
         properties=[_WIRE_NAMES[p] for p in wanted],
         id=id,
+        allow_extrapolation=allow_extrapolation,
     )
 
 
@@ -111,5 +116,6 @@ def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> 
         forces=values.get("forces"),
         stress=values.get("stress"),
         energies=values.get("atom_energies"),
+        extrapolated_elements=tuple(int(z) for z in values.get("extrapolated_elements", ())),
         **common,
     )
