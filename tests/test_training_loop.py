@@ -136,6 +136,23 @@ def test_early_stopping_ends_a_run_whose_validation_loss_stalls(data, tmp_path):
     assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_epoch"] == 0
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_model_keeps_the_best_or_the_last_epoch(data, tmp_path, keep):
+    """A learning rate so large that validation worsens after epoch 0: ``best`` keeps epoch
+    0's weights, ``last`` the final epoch's (both the EMA average)."""
+    head = {"name": "emt", "train_file": str(data["train"]), "valid_file": str(data["valid"])}
+    options = {"epochs": 3, "optimizer": {"lr": 0.5}, "keep": keep, "ema_decay": None}
+    config = build(TrainConfig, tiny_config(tmp_path, [head], **options))
+    summary = train(config)
+    kept = load_checkpoint(summary["model_path"]).state_dict()
+    best = torch.load(Path(config.output_dir, "checkpoints", "best.pt"), weights_only=True)
+    last = torch.load(Path(config.output_dir, "checkpoints", "state.pt"), weights_only=True)
+    assert summary["best_epoch"] == 0, "the check needs an epoch that is best but not last"
+    expected = best["state_dict"] if keep == "best" else last["model"]
+    for key, value in kept.items():
+        torch.testing.assert_close(value, expected[key].to(value.dtype), rtol=0, atol=0)
+
+
 def _finetune(data, foundation, tmp_path, mode):
     head = {
         "name": "morse",

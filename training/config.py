@@ -141,6 +141,7 @@ class TrainConfig:
     clip_grad: float | None = 10.0
     ema_decay: float | None = 0.99
     early_stopping_patience: int | None = None
+    keep: str = "best"  # best | last: which epoch's (EMA) weights model.pt carries
     resume: bool = True
     progress: bool = True
     foundation: str | None = None
@@ -175,6 +176,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "valid_batch_size"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.keep not in ("best", "last"):
+            fail("keep", f"must be best or last, got {self.keep!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             fail("ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
         if self.foundation is not None:

@@ -7,7 +7,9 @@ permutation seeded by ``(seed, epoch)``, so an interrupted run that resumes draw
 same batches as one that never stopped and ends with the same weights.
 
 The model written at the end (``<output_dir>/model.pt``) carries the EMA weights of the
-epoch with the lowest validation loss, and its metadata holds the per-head metrics.
+epoch with the lowest validation loss (``keep: best``) or of the last epoch (``keep: last``,
+for a schedule that anneals to its end, or a validation set whose loss a few violent
+configurations dominate), and its metadata holds the per-head metrics.
 """
 
 from __future__ import annotations
@@ -258,12 +260,12 @@ class Trainer:
             self.scheduler.step()
 
     def finish(self) -> dict[str, Any]:
-        """Load the best weights, evaluate every split per head, write ``model.pt`` and logs."""
+        """Load the kept weights, evaluate every split per head, write ``model.pt`` and logs."""
         best = self.output_dir / BEST_FILE
-        if best.exists():
+        if self.config.keep == "best" and best.exists():
             state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
             self.model.load_state_dict(state)
-        elif self.ema is not None:  # no epoch improved on infinity: keep the last average
+        elif self.ema is not None:  # the last average (asked for, or nothing improved)
             with torch.no_grad():
                 for parameter, average in zip(self.ema.parameters, self.ema.shadow):
                     parameter.copy_(average)
