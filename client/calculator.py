@@ -11,6 +11,7 @@ call.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -32,7 +33,10 @@ class RemoteCalculator(Calculator):
     ``crossfield.client.errors`` exceptions, e.g. ``InvalidStructureError`` for an element
     the model does not know. After each evaluation ``last_result`` holds the ``Result``
     (with the model, version and head that answered, and the server's queue and compute
-    seconds).
+    seconds). ``client_certificate`` and ``client_key`` (PEM bytes) authenticate this
+    client to a server that demands mutual TLS. With ``allow_extrapolation=True`` a head
+    answers for elements outside its training data instead of refusing them; such answers
+    put the atomic numbers in ``results["extrapolated_elements"]`` and warn once.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -49,6 +53,9 @@ class RemoteCalculator(Calculator):
         root_certificates: bytes | None = None,
         server_name: str | None = None,
         retries: RetryPolicy | int | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        allow_extrapolation: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -63,6 +70,8 @@ class RemoteCalculator(Calculator):
                 root_certificates=root_certificates,
                 server_name=server_name,
                 retries=retries,
+                client_certificate=client_certificate,
+                client_key=client_key,
             )
             self._owns_client = True
         self.model = model
@@ -71,6 +80,8 @@ class RemoteCalculator(Calculator):
         self.timeout = timeout
         self.last_result: Result | None = None
         self.stress_wanted = False  # once asked for, stress comes with every evaluation
+        self.allow_extrapolation = allow_extrapolation
+        self._warned_extrapolation = False
 
     def calculate(
         self,
@@ -96,6 +107,7 @@ class RemoteCalculator(Calculator):
             version=self.version,
             head=self.head,
             timeout=self.timeout,
+            allow_extrapolation=self.allow_extrapolation,
         )
         self.last_result = result
         self.results = {
@@ -106,6 +118,21 @@ class RemoteCalculator(Calculator):
         }
         if result.stress is not None:
             self.results["stress"] = full_3x3_to_voigt_6_stress(result.stress)
+        if result.extrapolated_elements:
+            self.results["extrapolated_elements"] = list(result.extrapolated_elements)
+            self._warn_extrapolation(result)
+
+    def _warn_extrapolation(self, result: Result) -> None:
+        """Warn on the first flagged answer only: an MD run would otherwise warn every step."""
+        if self._warned_extrapolation:
+            return
+        self._warned_extrapolation = True
+        warnings.warn(
+            f"head {result.head!r} of {result.model}:{result.version} was not trained on "
+            f"elements {list(result.extrapolated_elements)}: its answers for them are "
+            "extrapolations (allow_extrapolation=True)",
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         """Close the channel (only when this calculator opened it)."""

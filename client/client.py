@@ -90,9 +90,12 @@ class Client:
         version: str | None = None,
         head: str | None = None,
         timeout: float | None = None,
+        allow_extrapolation: bool | None = None,
     ) -> Result:
         """Evaluate one structure; raises a ``CrossfieldError`` subclass on failure."""
-        request = self._request(atoms, check_properties(properties), model, version, head)
+        request = self._request(
+            atoms, check_properties(properties), model, version, head, allow_extrapolation
+        )
         response = self._unary("Compute", request, timeout)
         return response_result(response)
 
@@ -161,7 +164,7 @@ class Client:
         wanted = check_properties(properties)
 
         def make_request(index: int, atoms) -> inference_pb2.ComputeRequest:
-            return self._request(atoms, wanted, model, version, head, id=str(index))
+            return self._request(atoms, wanted, model, version, head, None, id=str(index))
 
         run = StreamRun(
             self._servers.connections,
@@ -176,7 +179,7 @@ class Client:
             total = len(structures)
         return _with_progress(results, progress, total)
 
-    def _request(self, atoms, properties, model, version, head, id: str = ""):
+    def _request(self, atoms, properties, model, version, head, allow_extrapolation, id=""):
         return atoms_request(
             atoms,
             properties,
@@ -184,7 +187,9 @@ class Client:
             version=self.version if version is None else version,
             head=self.head if head is None else head,
             id=id,
-            allow_extrapolation=self.allow_extrapolation,
+            allow_extrapolation=(
+                self.allow_extrapolation if allow_extrapolation is None else allow_extrapolation
+            ),
         )
 
     # -- lifetime -----------------------------------------------------------------------------
