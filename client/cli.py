@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                     reason = (result.error.code, result.error.details)
                     failures[reason] += 1
                     first_failure.setdefault(reason, done + result.index)
+    except ModuleNotFoundError:  # --checkpoint in a client-only install: said by crossfield.cli
+        raise
     except Exception as err:  # a broken input file or no server: say so, keep what was written
         print(
             f"crossfield compute: stopped after {done + structures} structures: {err} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
 
 # name -> (module, one-line help). The module defines register(subparsers) -> None, which
 # adds the subparser and sets ``func(args) -> int`` as its default.
@@ -22,6 +23,33 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("crossfield.training.data_cli", "make or check the reference data sets"),
 }
 
+# The extra that installs what a subcommand needs beyond the client (``crossfield compute``
+# needs the model only with --checkpoint).
+EXTRAS: dict[str, str] = {
+    "serve": "server",
+    "train": "train",
+    "publish": "train",
+    "import-mace": "model",
+    "data": "data",
+    "compute": "model",
+}
+
+
+def version() -> str:
+    try:
+        return metadata.version("crossfield")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def missing_dependency(command: str, err: ModuleNotFoundError) -> str:
+    """One line naming the missing module and the install that brings it."""
+    extra = EXTRAS.get(command, "server,train")
+    return (
+        f"crossfield {command}: needs the optional dependency '{err.name}', which this "
+        f"install lacks: pip install 'crossfield[{extra}]' (see the README)"
+    )
+
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,6 +57,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         description="Serve, train and use multi-head MACE force fields.",
         epilog="Run 'crossfield COMMAND --help' for the options of one command.",
     )
+    parser.add_argument("--version", action="version", version=f"crossfield {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -38,10 +67,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             except ModuleNotFoundError as err:
                 if err.name and err.name.startswith("crossfield"):
                     raise
-                parser.error(
-                    f"'{name}' needs the optional dependency '{err.name}': "
-                    "pip install 'crossfield[server,train]'"
-                )
+                parser.exit(2, missing_dependency(name, err) + "\n")
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -54,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:  # a server or training command in a client-only install
+        if err.name is None or err.name.startswith("crossfield"):
+            raise
+        print(missing_dependency(args.command, err), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 TOKEN_VARIABLE = "CROSSFIELD_TOKEN"
@@ -46,7 +47,8 @@ def register(subparsers) -> None:
         metavar="PATH",
         action=_CheckpointAction,
         dest="checkpoints",
-        help="Crossfield checkpoint to serve (repeatable); default: the default model",
+        help="Crossfield checkpoint or mace-torch .model file to serve (repeatable; a .model "
+        "is converted on load); default: the default model",
     )
     parser.add_argument(
         "--name",
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from crossfield.model import load_checkpoint, read_checkpoint_metadata
+    from crossfield.model.loading import load_model_file
 
     from .app import InferenceServer, ServerConfig
     from .batcher import BatchLimits
@@ -201,6 +203,19 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"crossfield serve: {err}") from None
     if args.repo is not None and not args.repo.is_dir():
         raise SystemExit(f"crossfield serve: --repo: {args.repo} is not a folder")
+    from .ports import port_in_use
+
+    for flag, host, port in (
+        ("--port", args.host, args.port),
+        ("--metrics-port", "0.0.0.0", args.metrics_port),
+    ):
+        if port > 0 and port_in_use(host, port):
+            print(
+                f"crossfield serve: {flag}: port {port} is in use (another server?); "
+                "choose another, or 0 for any free port",
+                file=sys.stderr,
+            )
+            return 2
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,9 +254,10 @@ def run(args: argparse.Namespace) -> int:
             metadata = dict(getattr(model, "metadata", {}))
             server.add_model(model, "default", str(metadata.get("version", "0")), metadata)
         for path, name in args.checkpoints:
-            metadata = read_checkpoint_metadata(path)["metadata"]
+            model = load_model_file(path)  # a mace-torch .model is converted on load
+            metadata = dict(getattr(model, "metadata", {}))
             version = str(metadata.get("version", "1"))
-            server.add_model(load_checkpoint(path), name or Path(path).stem, version, metadata)
+            server.add_model(model, name or Path(path).stem, version, metadata)
     except (ValueError, RuntimeError) as err:  # a backend that cannot run or compile this model
         raise SystemExit(f"crossfield serve: {err}") from None
 

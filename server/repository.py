@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossfield.model import CrossfieldMACE, load_checkpoint
+from crossfield.model import CrossfieldMACE
 from crossfield.model.backends import BACKENDS
+from crossfield.model.loading import load_model_file
 from crossfield.model.repository import (
     CHECKPOINT_NAME,
     META_NAME,
@@ -150,9 +151,9 @@ def fingerprint(folder: Path) -> Fingerprint:
     """Cheap identity of a version's files (size, mtime, inode; None when missing): a
     changed or newly completed file changes it."""
     result = []
-    for name in (CHECKPOINT_NAME, META_NAME):
+    for path in (checkpoint_file(folder), folder / META_NAME):
         try:
-            stat = (folder / name).stat()
+            stat = path.stat()
         except OSError:
             result.append(None)
         else:
@@ -160,10 +161,20 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple(result)
 
 
+def checkpoint_file(folder: Path) -> Path:
+    """The version's model file: ``model.pt``, or else one mace-torch ``*.model`` file
+    dropped in by hand (converted on load, so mace-torch users need no import step)."""
+    checkpoint = folder / CHECKPOINT_NAME
+    if checkpoint.exists():
+        return checkpoint
+    mace_files = sorted(folder.glob("*.model"))
+    return mace_files[0] if len(mace_files) == 1 else checkpoint
+
+
 def read_version(root: Path, name: str, version: int) -> tuple[CrossfieldMACE, dict[str, Any]]:
     """The model and metadata of one version; ValueError saying why it cannot be served."""
     folder = version_path(root, name, version)
-    checkpoint = folder / CHECKPOINT_NAME
+    checkpoint = checkpoint_file(folder)
     if not checkpoint.is_file():
         raise ValueError(f"{checkpoint}: missing (a partial version?)")
     meta: dict[str, Any] = {}
@@ -182,7 +193,8 @@ def read_version(root: Path, name: str, version: int) -> tuple[CrossfieldMACE, d
                 f"{checkpoint}: sha256 {digest[:12]}... differs from meta.json's "
                 f"{str(expected)[:12]}... (changed or truncated after publishing)"
             )
-    model = load_checkpoint(checkpoint)  # weights_only=True: a checkpoint never runs code
+    # weights_only=True for a checkpoint, the restricted unpickler for a .model: no file runs code
+    model = load_model_file(checkpoint)
     metadata = meta or dict(getattr(model, "metadata", {}) or {})
     return model, metadata
 

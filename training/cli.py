@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import typing
 from typing import Any
 
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides_from(args))
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"crossfield train: {err}") from None
+        print(f"crossfield train: {err}", file=sys.stderr)
+        return 2
     summary = train(config)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         keys = ("model_path", "best_epoch", "epochs_run", "metrics", "published")

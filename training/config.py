@@ -46,6 +46,15 @@ class HeadDataConfig:
     shift: float | None = None
     keys: DataKeys = field(default_factory=DataKeys)
 
+    @staticmethod
+    def from_plain(data: dict[str, Any]) -> dict[str, Any]:
+        """Accept ``level_of_theory: PBE`` as ``{method: PBE}``: the short form is what
+        people write first, and the method is what a data card records."""
+        level = data.get("level_of_theory")
+        if isinstance(level, str):
+            return {**data, "level_of_theory": {"method": level}}
+        return data
+
     def e0_table(self) -> dict[int, float] | None:
         """The given E0s keyed by atomic number, or None when they are to be fitted."""
         if self.e0s == E0_FIT or self.e0s is None:
@@ -237,6 +246,8 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         return data
     if not isinstance(data, dict):
         raise ValueError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    if hasattr(cls, "from_plain"):
+        data = cls.from_plain(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
@@ -264,6 +275,8 @@ def build_value(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"{path}: expected a list, got {value!r}")
         return [build_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a mapping, got {value!r}")
     if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
