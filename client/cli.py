@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-DEFAULT_SERVER = "localhost:50051"
+from crossfield.client.cli_options import (
+    add_server_arguments,
+    server_arguments_problem,
+    server_client,
+)
+
 DEFAULT_PREFIX = "crossfield_"
 SHOWN_REASONS = 10  # distinct failure reasons printed on the terminal
 
@@ -35,23 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", type=Path, help="structures: any file ase.io.read reads")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output extxyz file")
     parser.add_argument(
-        "--server",
-        "-s",
-        action="append",
-        default=None,
-        help=f"server address host:port; repeat or comma-separate for several "
-        f"(round-robin); default {DEFAULT_SERVER}",
-    )
-    parser.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="evaluate in this process from a checkpoint (.pt) or mace-torch .model file, "
         "without a server (needs the [model] extra)",
     )
-    parser.add_argument("--model", "-m", default="", help="model name (default: the server's)")
-    parser.add_argument("--version", default="", help="model version (default: newest)")
-    parser.add_argument("--head", default="", help="head / level of theory (default: the model's)")
+    add_server_arguments(parser)
     parser.add_argument(
         "--properties",
         default="energy,forces,stress",
@@ -68,12 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an interrupted run: keep the complete structures already in --out "
         "and evaluate only the rest",
-    )
-    parser.add_argument(
-        "--allow-extrapolation",
-        action="store_true",
-        help="answer (flagged in <prefix>extrapolated_elements) for elements a head was not "
-        "trained on, instead of failing those structures",
     )
     parser.add_argument("--index", default=":", help="ase.io index of the frames (default ':')")
     parser.add_argument("--format", default=None, help="input format, when ASE cannot guess it")
@@ -94,24 +82,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="float64",
         choices=["float32", "float64"],
         help="precision with --checkpoint (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--token",
-        default=None,
-        help="bearer token (default: $CROSSFIELD_TOKEN; prefer the variable over the flag)",
-    )
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
-    parser.add_argument(
-        "--root-certificates", type=Path, default=None, help="PEM file of trusted roots (TLS)"
-    )
-    parser.add_argument(
-        "--client-certificate",
-        type=Path,
-        default=None,
-        help="PEM certificate of this client, for servers that demand mutual TLS",
-    )
-    parser.add_argument(
-        "--client-key", type=Path, default=None, help="PEM private key of --client-certificate"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -192,13 +162,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
             return "--checkpoint and --server: choose one (in this process, or on a server)"
         if not args.checkpoint.exists():
             return f"--checkpoint: no such file {args.checkpoint}"
-    if (args.client_certificate is None) != (args.client_key is None):
-        return "--client-certificate and --client-key: give both for mutual TLS"
-    for flag in ("root_certificates", "client_certificate", "client_key"):
-        path = getattr(args, flag)
-        if path is not None and not path.exists():
-            return f"--{flag.replace('_', '-')}: no such file {path}"
-    return None
+    return server_arguments_problem(args)
 
 
 class _Results:
@@ -222,21 +186,7 @@ class _Results:
                 dtype=args.dtype,
                 batch_size=args.batch_size,
             )
-        from crossfield.client.client import Client
-
-        servers = [a.strip() for s in (args.server or [DEFAULT_SERVER]) for a in s.split(",")]
-        self.client = Client(
-            [s for s in servers if s],
-            model=args.model,
-            version=args.version,
-            head=args.head,
-            token=args.token or os.environ.get("CROSSFIELD_TOKEN"),
-            tls=args.tls,
-            root_certificates=_read(args.root_certificates),
-            client_certificate=_read(args.client_certificate),
-            client_key=_read(args.client_key),
-            allow_extrapolation=args.allow_extrapolation,
-        )
+        self.client = server_client(args)
         return self.client.compute_many(
             self.structures,
             self.properties,
@@ -247,10 +197,6 @@ class _Results:
     def __exit__(self, *exc) -> None:
         if self.client is not None:
             self.client.close()
-
-
-def _read(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path is not None else None
 
 
 def complete_frames(path: Path) -> int:
