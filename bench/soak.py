@@ -161,7 +161,7 @@ class ServerProcess:
         command += ["--dtype", "float64", "--device", "cpu", "--threads", "1"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
         command += ["--max-atoms-per-structure", str(MAX_ATOMS)]
-        command += ["--max-message-bytes", str(MAX_MESSAGE), "--max-workers", "256"]
+        command += ["--max-message-bytes", str(MAX_MESSAGE)]
         command += ["--max-delay-ms", "2", "--grace", str(grace)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(

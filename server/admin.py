@@ -5,10 +5,15 @@ Maps messages to ``ModelRepository`` calls and back. A request names a model and
 version *of the repository* and nothing else: no path and no file ever comes from the
 wire, so an admin call can only choose among the checkpoints the operator published.
 The admin token is checked before these methods run (``security.py``).
+
+Loading a version reads, compiles and warms a model, and a scan walks the repository:
+seconds to minutes of blocking work, so each runs in a worker thread while the I/O loop
+keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -18,7 +23,8 @@ from crossfield.v1 import admin_pb2, admin_pb2_grpc
 from .errors import ServeError
 from .models import ModelRegistry
 from .repository import ModelRepository
-from .service import model_info
+from .responses import clip, model_info
+from .wire import Malformed
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +34,38 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._repository = repository
         self._registry = registry
 
-    def LoadModel(self, request: admin_pb2.LoadModelRequest, context: grpc.ServicerContext):
+    async def LoadModel(self, request, context: grpc.aio.ServicerContext):
+        await _refuse_malformed(request, context)
         log.info("admin: load model %r version %r", request.name, request.version or "newest")
         try:
-            served = self._repository.load(request.name, request.version)
+            served = await asyncio.to_thread(self._repository.load, request.name, request.version)
         except ServeError as err:
-            context.abort(grpc.StatusCode[err.code], err.message)
+            await context.abort(grpc.StatusCode[err.code], clip(err.message))
         return admin_pb2.LoadModelResponse(model=model_info(served, self._registry))
 
-    def UnloadModel(self, request: admin_pb2.UnloadModelRequest, context: grpc.ServicerContext):
+    async def UnloadModel(self, request, context: grpc.aio.ServicerContext):
+        await _refuse_malformed(request, context)
         log.info("admin: unload model %r version %r", request.name, request.version or "all")
         try:
-            retired = self._repository.unload(request.name, request.version)
+            retired = await asyncio.to_thread(
+                self._repository.unload, request.name, request.version
+            )
         except ServeError as err:
-            context.abort(grpc.StatusCode[err.code], err.message)
+            await context.abort(grpc.StatusCode[err.code], clip(err.message))
         return admin_pb2.UnloadModelResponse(
             unloaded=[model_info(served, self._registry) for served in retired]
         )
 
-    def ReloadRepository(
-        self, request: admin_pb2.ReloadRepositoryRequest, context: grpc.ServicerContext
-    ):
+    async def ReloadRepository(self, request, context: grpc.aio.ServicerContext):
+        await _refuse_malformed(request, context)
         log.info("admin: reload repository")
-        report = self._repository.scan()
+        report = await asyncio.to_thread(self._repository.scan)
         return admin_pb2.ReloadRepositoryResponse(
             loaded=[model_info(served, self._registry) for served in report.loaded],
             errors=report.errors,
         )
+
+
+async def _refuse_malformed(request, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(request.message))

@@ -1,21 +1,28 @@
 """Assemble a server: registry, runner, gRPC services (inference, admin, health,
-reflection) behind the security interceptor, the hot-loading repository and the metrics
-endpoint, with a graceful stop.
+reflection) on ``grpc.aio`` behind the security interceptor, the hot-loading repository and
+the metrics endpoint, with a graceful stop.
+
+All gRPC I/O runs on one asyncio event loop on its own thread (``loop.py``): an open stream
+costs a coroutine, not a thread, so idle or slow clients cannot use up the server, and
+health checks are answered on the same loop whatever the inference load. Batchers and
+runners keep their own threads.
 
 Health is SERVING only while some model version is loaded and warm: a server started on a
 repository listens at once but stays NOT_SERVING until its first version has passed its
 warm-up, so a load balancer never routes to a replica that can only say UNAVAILABLE.
 
 Stopping is ordered so that nothing accepted is lost: health turns NOT_SERVING (load
-balancers stop routing here), repository polling stops, gRPC refuses new calls but lets
-running ones finish (their structures are still queued in live batchers), then the
-batchers and the runner drain and exit.
+balancers stop routing here), repository polling stops, open streams stop reading and
+deliver what they have in progress, then end UNAVAILABLE if anything was left unanswered
+(clients resend that elsewhere), gRPC refuses new calls but lets running ones finish
+(their structures are still queued in live batchers), then the batchers and the runner
+drain and exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,21 +33,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crossfield.model import CrossfieldMACE
-from crossfield.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from crossfield.v1 import admin_pb2, inference_pb2
 
 from .admin import AdminService
 from .batcher import BatchLimits
+from .loop import LoopThread
 from .metrics import Metrics
 from .models import Backend, ModelRegistry, ServedModel, serve_model
 from .repository import ModelRepository, VersionPolicy
 from .runner import Runner
 from .security import SecurityConfig, SecurityInterceptor
 from .service import InferenceService
+from .streams import StreamLimits
+from .transport import Transport
+from .wire import add_service
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+INFERENCE_SERVICE = INFERENCE.full_name
+ADMIN_SERVICE = ADMIN.full_name
 
 
 @dataclass
@@ -55,9 +68,10 @@ class ServerConfig:
     dtype: torch.dtype = torch.float32
     limits: BatchLimits = field(default_factory=BatchLimits)
     max_atoms_per_structure: int = 4096
-    max_workers: int = 64  # gRPC handler threads: bounds concurrent unary calls and streams
     grace: float = 30.0  # seconds running calls get to finish on stop
     max_message_bytes: int = 16 * 1024 * 1024  # largest gRPC message in either direction
+    streams: StreamLimits = field(default_factory=StreamLimits)  # window, idle timeout
+    transport: Transport = field(default_factory=Transport)  # HTTP/2 limits and keepalive
     security: SecurityConfig = field(default_factory=SecurityConfig)
     repository: Path | None = None  # serve and follow this model repository
     poll_interval: float = 10.0  # seconds between repository scans; 0: only on admin calls
@@ -87,8 +101,10 @@ class InferenceServer:
             )
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._grpc: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self._io: LoopThread | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._service: InferenceService | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._stopping = False
         self._http = None
 
@@ -142,26 +158,40 @@ class InferenceServer:
         return served
 
     def start(self) -> InferenceServer:
+        self._io = LoopThread()
+        try:
+            self._io.run(self._start_grpc())
+        except BaseException:
+            self._io.close()
+            self._io = None
+            raise
+        log.info("security: %s", self.config.security.describe())
+        if self.config.metrics_port is not None:
+            self._http = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
+            self.metrics_port = self._http.server_port
+        if self.repository is not None:
+            self.repository.start()
+        return self
+
+    async def _start_grpc(self) -> None:
+        """Build and start the gRPC server (on the I/O loop, which grpc.aio binds to)."""
         config = self.config
         options = [
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            *config.transport.options(),
         ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-            interceptors=[SecurityInterceptor(config.security, self.metrics)],
-            options=options,
+        server = grpc.aio.server(
+            interceptors=[SecurityInterceptor(config.security, self.metrics)], options=options
         )
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceService(self.registry, self.metrics), server
-        )
+        self._service = InferenceService(self.registry, self.metrics, config.streams)
+        add_service(server, INFERENCE, self._service)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.repository is not None:
-            admin_pb2_grpc.add_AdminServicer_to_server(
-                AdminService(self.repository, self.registry), server
-            )
+            add_service(server, ADMIN, AdminService(self.repository, self.registry))
             services.append(ADMIN_SERVICE)
+        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(services, server)
         address = f"{config.host}:{config.port}"
@@ -171,21 +201,27 @@ class InferenceServer:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        self._update_health()
-        server.start()
+        await self._set_health()
+        await server.start()
         self._grpc = server
-        log.info("security: %s", config.security.describe())
-        if config.metrics_port is not None:
-            self._http = self.metrics.serve_http(config.metrics_port, config.metrics_host)
-            self.metrics_port = self._http.server_port
-        if self.repository is not None:
-            self.repository.start()
-        return self
 
     def _update_health(self) -> None:
-        """SERVING while some version is loaded and warm (never again once stopping)."""
-        if self._stopping:
-            return
+        """SERVING while some version is loaded and warm (never again once stopping);
+        called from any thread when the registry changes."""
+        if self._stopping or self._io is None:
+            return  # start() sets the status it finds
+        if self._io.loop.is_running() and not self._on_io_thread():
+            self._io.run(self._set_health())
+        else:
+            self._io.submit(self._set_health())
+
+    def _on_io_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._io.loop
+        except RuntimeError:
+            return False
+
+    async def _set_health(self) -> None:
         serving = bool(self.registry.models())
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -193,20 +229,29 @@ class InferenceServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", INFERENCE_SERVICE):
-            self._health.set(service, status)
+            await self._health.set(service, status)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, finish running ones (up to ``grace`` seconds), drain."""
+        if self._stopping:
+            return
         grace = self.config.grace if grace is None else grace
         self._stopping = True
-        self._health.enter_graceful_shutdown()
+        if self._io is not None:
+            self._io.run(self._health.enter_graceful_shutdown())
         if self.repository is not None:
             self.repository.stop()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+        if self._io is not None:
+            self._io.run(self._stop_grpc(grace))
         for served in self.registry.models():
             served.batcher.close()
         self.runner.close()
+        if self._io is not None:
+            self._io.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+    async def _stop_grpc(self, grace: float) -> None:
+        self._service.stop_streams()
+        await self._grpc.stop(grace)

@@ -35,6 +35,18 @@ class _CheckpointAction(argparse.Action):
         namespace.checkpoints = entries
 
 
+class _Removed(argparse.Action):
+    """A flag that no longer exists: refuse it with what to use instead (a deployment that
+    still passes it must fail loudly, not run with a setting that means nothing)."""
+
+    def __init__(self, option_strings, dest, message: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was removed: {self.message}")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -126,7 +138,14 @@ def register(subparsers) -> None:
         default=None,
         help="torch intra-op CPU threads (default: torch's choice)",
     )
-    parser.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
+    parser.add_argument(
+        "--max-workers",
+        action=_Removed,
+        help=argparse.SUPPRESS,
+        message="the server runs on grpc.aio and an open stream costs no thread; bound "
+        "clients with --max-calls-per-client, --max-streams-per-connection and "
+        "--stream-idle-timeout instead",
+    )
     parser.add_argument(
         "--grace", type=float, default=30.0, help="seconds running calls get to finish on SIGTERM"
     )
@@ -157,12 +176,90 @@ def register(subparsers) -> None:
         "admin RPCs are refused",
     )
     security.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="more client tokens, one per line ('#' starts a comment): each is a client of "
+        "its own for --max-calls-per-client",
+    )
+    security.add_argument(
         "--max-calls-per-client",
         type=int,
         default=0,
-        help="calls in flight per client address before RESOURCE_EXHAUSTED (0: no limit)",
+        help="calls in flight per client before RESOURCE_EXHAUSTED (0: no limit); a client "
+        "is its bearer token when it sends a valid one, else its address",
     )
+    _add_connection_arguments(parser)
     parser.set_defaults(func=run, checkpoints=[])
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Streams, HTTP/2 limits and keepalive (see server/streams.py and server/transport.py)."""
+    group = parser.add_argument_group("streams and connections")
+    group.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a ComputeStream may keep the server waiting (sending nothing while "
+        "nothing is in progress, or reading nothing) before it ends UNAVAILABLE; 0: never "
+        "(default 120)",
+    )
+    group.add_argument(
+        "--stream-window-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="estimated bytes of structures one stream may have read and not yet delivered; "
+        "beyond it the stream's requests wait (default 8 MiB)",
+    )
+    group.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=100,
+        help="concurrent HTTP/2 streams (calls) per client connection (default 100)",
+    )
+    group.add_argument(
+        "--keepalive-time",
+        type=float,
+        default=60.0,
+        help="seconds of silence after which the server pings a connection (default 60)",
+    )
+    group.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a ping may go unanswered before the connection is closed (default 20)",
+    )
+    group.add_argument(
+        "--min-ping-interval",
+        type=float,
+        default=10.0,
+        help="shortest interval between client pings the server accepts; faster pingers get "
+        "GOAWAY (default 10; crossfield clients ping every 30)",
+    )
+    group.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=1800.0,
+        help="seconds after which a connection is asked to reconnect (GOAWAY), so clients "
+        "spread over replicas added since; 0: never (default 1800)",
+    )
+    group.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=None,
+        help="seconds calls still running on such a connection may take before they are "
+        "cancelled (default: until they end)",
+    )
+
+
+def read_token_file(path: Path) -> tuple[str, ...]:
+    """Tokens of a --token-file: one per line, blank lines and '#' comments ignored."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--token-file: cannot read {path}: {err.strerror}") from None
+    lines = (line.partition("#")[0].strip() for line in text.splitlines())
+    return tuple(line for line in lines if line)
 
 
 def default_cache_dir() -> Path:
@@ -184,21 +281,37 @@ def run(args: argparse.Namespace) -> int:
     from .models import Backend
     from .repository import VersionPolicy
     from .security import SecurityConfig
+    from .streams import StreamLimits
+    from .transport import Transport
 
     if args.repo is not None and args.checkpoints:
         raise SystemExit("crossfield serve: --repo and --checkpoint exclude each other")
     try:
         VersionPolicy.parse(args.version_policy)
+        tokens = read_token_file(args.token_file) if args.token_file else ()
+        token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+        if tokens and token is None:
+            token, tokens = tokens[0], tokens[1:]
         security = SecurityConfig(
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
-            token=args.token or os.environ.get(TOKEN_VARIABLE) or None,
+            token=token,
             admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
             max_calls_per_client=args.max_calls_per_client,
+            more_tokens=tokens,
         )
         if security.tls:
             security.credentials()  # unreadable files fail now, not at the first call
+        streams = StreamLimits(args.stream_idle_timeout, args.stream_window_bytes)
+        transport = Transport(
+            max_streams_per_connection=args.max_streams_per_connection,
+            keepalive_time=args.keepalive_time,
+            keepalive_timeout=args.keepalive_timeout,
+            min_ping_interval=args.min_ping_interval,
+            max_connection_age=args.max_connection_age or None,
+            max_connection_age_grace=args.max_connection_age_grace,
+        )
     except ValueError as err:
         raise SystemExit(f"crossfield serve: {err}") from None
     if args.repo is not None and not args.repo.is_dir():
@@ -234,9 +347,10 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
         ),
         max_atoms_per_structure=args.max_atoms_per_structure,
-        max_workers=args.max_workers,
         grace=args.grace,
         max_message_bytes=args.max_message_bytes,
+        streams=streams,
+        transport=transport,
         security=security,
         repository=args.repo,
         poll_interval=args.poll_interval,

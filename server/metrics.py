@@ -2,7 +2,10 @@
 
 Each server owns its own ``CollectorRegistry`` (several servers can live in one process,
 as in the tests) and exposes it over HTTP on its own port, apart from gRPC, so that
-scraping never competes with inference traffic for the gRPC thread pool.
+scraping never competes with inference traffic for the gRPC event loop.
+
+Request and latency metrics carry the model *version*, so that a canary version can be
+compared with the one it may replace (and a rollback justified) on the same replica.
 """
 
 from __future__ import annotations
@@ -33,35 +36,37 @@ ATOM_BUCKETS = (8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
 
 
 class Metrics:
-    """The metric families; label values are model names, heads and status code names."""
+    """The metric families; label values are model names, versions, heads and status code
+    names ("-" for a model, version or head that did not resolve)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "crossfield_requests",
-            "Structures answered, by final status",
-            ["model", "head", "status"],
+            "Structures answered, by final status; a streamed answer counts once written to "
+            "its stream, one never delivered counts with the status its stream ended with",
+            ["model", "version", "head", "status"],
             registry=r,
         )
         self.queue_seconds = Histogram(
             "crossfield_queue_seconds",
             "Time a structure waited in its model's queue",
-            ["model"],
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.compute_seconds = Histogram(
             "crossfield_compute_seconds",
             "Time to evaluate one batch (graph to results)",
-            ["model"],
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.request_seconds = Histogram(
             "crossfield_request_seconds",
             "Time from receiving a structure to its answer",
-            ["model"],
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -86,7 +91,10 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "crossfield_queue_depth", "Structures waiting in a model's queue", ["model"], registry=r
+            "crossfield_queue_depth",
+            "Structures waiting in a model version's queue",
+            ["model", "version"],
+            registry=r,
         )
         self.model_loaded = Gauge(
             "crossfield_model_loaded",
@@ -117,6 +125,22 @@ class Metrics:
             "crossfield_rejected_calls",
             "Calls refused before reaching a service: bad token or per-client limit",
             ["status"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "crossfield_open_streams", "ComputeStream calls open now", registry=r
+        )
+        self.stream_held_bytes = Gauge(
+            "crossfield_stream_held_bytes",
+            "Estimated bytes of structures that open streams have admitted and not yet "
+            "delivered (each stream holds at most --stream-window-bytes)",
+            registry=r,
+        )
+        self.streams_ended = Counter(
+            "crossfield_streams_ended",
+            "ComputeStream calls ended, by reason: completed, cancelled, deadline, idle (the "
+            "client sent nothing), unread (the client read nothing), stopping (the server)",
+            ["reason"],
             registry=r,
         )
         self.device_memory = Gauge(

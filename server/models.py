@@ -103,7 +103,7 @@ def serve_model(
         name=name,
         version=version,
         model=model,
-        batcher=Batcher(model, name, runner, limits, metrics),
+        batcher=Batcher(model, name, runner, limits, metrics, version),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=dict(metadata or {}),
         backend=backend.name,

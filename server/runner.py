@@ -21,7 +21,7 @@ import torch
 
 from crossfield.model import CrossfieldMACE, GraphBatch, build_batch
 
-from .errors import ComputeError, InvalidArgumentError
+from .errors import ComputeError, InvalidArgumentError, RequestCancelledError
 from .metrics import Metrics
 from .work import StructureResult, WorkItem
 
@@ -36,6 +36,7 @@ class Job:
     label: str  # model name for metrics
     items: list[WorkItem]
     graph: GraphBatch | None = None
+    version: str = ""  # model version for metrics
 
 
 def build_graph(
@@ -101,10 +102,12 @@ class Runner:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            start = time.monotonic()
-            self._run(job.model, job.items, job.graph)
-            elapsed = time.monotonic() - start
-            self._record(job, elapsed)
+            if all(item.abandoned for item in job.items):
+                _cancel(job.items)  # every caller went away while the batch waited
+            else:
+                start = time.monotonic()
+                self._run(job.model, job.items, job.graph)
+                self._record(job, time.monotonic() - start)
             with self._lock:
                 self._pending -= 1
                 listeners = list(self._listeners) if self._pending == 0 else []
@@ -141,7 +144,7 @@ class Runner:
 
     def _record(self, job: Job, elapsed: float) -> None:
         m = self._metrics
-        m.compute_seconds.labels(job.label).observe(elapsed)
+        m.compute_seconds.labels(job.label, job.version).observe(elapsed)
         m.batch_structures.labels(job.label).observe(len(job.items))
         atoms = sum(item.request.num_atoms for item in job.items)
         m.batch_atoms.labels(job.label).observe(atoms)
@@ -151,6 +154,11 @@ class Runner:
                 m.atoms.labels(job.label, head).inc(item.request.num_atoms)
         if self.device.type == "cuda":
             m.device_memory.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
+
+
+def _cancel(items: Sequence[WorkItem]) -> None:
+    for item in items:
+        item.future.set_exception(RequestCancelledError("request cancelled"))
 
 
 def compute(

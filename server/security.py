@@ -13,17 +13,22 @@ A missing or unknown token is UNAUTHENTICATED; a valid client token on an admin 
 PERMISSION_DENIED. Tokens are compared with ``hmac.compare_digest`` (no timing oracle) and
 never logged: ``SecurityConfig`` keeps them out of its ``repr``.
 
-The concurrency limit counts the calls in flight per client, keyed by the peer's address
-without its port (one machine, however many channels it opens); beyond the limit a call is
-answered RESOURCE_EXHAUSTED at once, so one greedy client cannot occupy every handler
-thread of the server.
+The concurrency limit counts the calls in flight per client; beyond it a call is answered
+RESOURCE_EXHAUSTED at once, so one greedy client cannot take a replica's capacity. A client
+is its token where it authenticated with one (each of several client tokens is a client of
+its own, wherever it connects from; all holders of one token share its limit), else its
+peer address without the port (one machine, however many channels it opens). Keying on
+tokens is what lets honest clients behind one NAT or proxy each have their own limit.
+
+The server runs on ``grpc.aio``: the interceptor and the limit live on the I/O loop, so the
+limiter needs no lock.
 """
 
 from __future__ import annotations
 
 import hmac
-import threading
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +46,8 @@ class SecurityConfig:
     """TLS files (PEM), bearer tokens and the per-client limit of ``crossfield serve``.
 
     ``tls_client_ca`` switches on mutual TLS: clients must present a certificate signed by
-    it. ``max_calls_per_client`` 0 means no limit.
+    it. ``more_tokens`` are further client tokens (one per client or tenant, each with its
+    own per-client limit). ``max_calls_per_client`` 0 means no limit.
     """
 
     tls_cert: Path | None = None
@@ -50,6 +56,11 @@ class SecurityConfig:
     token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     max_calls_per_client: int = 0
+    more_tokens: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def client_tokens(self) -> tuple[str, ...]:
+        return ((self.token,) if self.token is not None else ()) + tuple(self.more_tokens)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -60,8 +71,18 @@ class SecurityConfig:
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ValueError(f"{name}: must not be empty")
-        if self.token is not None and self.token == self.admin_token:
-            raise ValueError("admin_token: must differ from the client token")
+        if self.more_tokens and self.token is None:
+            raise ValueError("more_tokens: give the first client token as token")
+        for index, value in enumerate(self.more_tokens):
+            if not value.strip() or value != value.strip() or " " in value:
+                raise ValueError(
+                    f"more_tokens: token {index + 1} is empty or contains spaces (not sendable "
+                    "as 'Bearer <token>')"
+                )
+        if self.admin_token is not None and self.admin_token in self.client_tokens:
+            raise ValueError("admin_token: must differ from the client tokens")
+        if len(set(self.client_tokens)) != len(self.client_tokens):
+            raise ValueError("more_tokens: every client token must be different")
         if self.max_calls_per_client < 0:
             raise ValueError(
                 f"max_calls_per_client: must be >= 0 (0: no limit), got {self.max_calls_per_client}"
@@ -82,7 +103,12 @@ class SecurityConfig:
     def describe(self) -> str:
         """One log line of what is switched on, without any secret."""
         tls = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls else "plaintext"
-        token = "client token" if self.token else "no client token (inference open)"
+        count = len(self.client_tokens)
+        token = (
+            f"{count} client token{'s' if count > 1 else ''}"
+            if count
+            else "no client token (inference open)"
+        )
         admin = "admin token" if self.admin_token else "admin RPCs disabled (no admin token)"
         limit = self.max_calls_per_client or "unlimited"
         return f"{tls}, {token}, {admin}, calls per client: {limit}"
@@ -95,51 +121,62 @@ def _read(path: Path | None, name: str) -> bytes:
         raise ValueError(f"{name}: cannot read {path}: {err.strerror}") from None
 
 
-class SecurityInterceptor(grpc.ServerInterceptor):
+class SecurityInterceptor(grpc.aio.ServerInterceptor):
     """Checks the bearer token of every call and applies the per-client limit."""
 
     def __init__(self, config: SecurityConfig, metrics: Metrics) -> None:
-        self._client = _secret(config.token)
+        self._clients = [token.encode() for token in config.client_tokens]
         self._admin = _secret(config.admin_token)
         limit = config.max_calls_per_client
         self._limiter = ClientLimiter(limit) if limit else None
         self._rejected = metrics.rejected_calls
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         service = handler_call_details.method.strip("/").partition("/")[0]
         if handler is None or service in OPEN_SERVICES:
             return handler
         presented = _bearer(handler_call_details.invocation_metadata)
-        refusal = self._authorise(service, presented)
+        identity = self._identify(presented)
+        refusal = self._authorise(service, presented, identity)
         if refusal is not None:
             code, message = refusal
             self._rejected.labels(code.name).inc()
             return _refusing(handler, code, message)
         if self._limiter is not None:
-            return _limited(handler, self._limiter, self._rejected)
+            return _limited(handler, self._limiter, self._rejected, identity)
         return handler
 
+    def _identify(self, presented: bytes | None) -> str | None:
+        """Who authenticated: 'admin', 'token <n>' (the n-th client token), or None.
+
+        Every client token is compared (in constant time each), so the time taken says
+        nothing about which one matched.
+        """
+        identity = "admin" if _matches(presented, self._admin) else None
+        for index, secret in enumerate(self._clients):
+            if _matches(presented, secret):
+                identity = f"token {index + 1}"
+        return identity
+
     def _authorise(
-        self, service: str, presented: bytes | None
+        self, service: str, presented: bytes | None, identity: str | None
     ) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message to refuse it with."""
-        is_admin = _matches(presented, self._admin)
-        is_client = _matches(presented, self._client)
         if service == ADMIN_SERVICE:
             if self._admin is None:
                 return (
                     grpc.StatusCode.PERMISSION_DENIED,
                     "admin RPCs are disabled on this server (no admin token configured)",
                 )
-            if is_admin:
+            if identity == "admin":
                 return None
-            if is_client:
+            if identity is not None:
                 return (
                     grpc.StatusCode.PERMISSION_DENIED,
                     "authorization: the client token may not make admin calls",
                 )
-        elif self._client is None or is_client or is_admin:
+        elif not self._clients or identity is not None:
             return None
         if presented is None:
             return (
@@ -197,39 +234,35 @@ def _inner(handler: grpc.RpcMethodHandler) -> Callable:
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
-    def refuse(request, context: grpc.ServicerContext):
-        context.abort(code, message)
+    async def refuse(request, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
 
     return _rebuild(handler, refuse, parse=False)
 
 
 class ClientLimiter:
-    """Calls in flight per client (peer host), refused beyond ``limit``."""
+    """Calls in flight per client key, refused beyond ``limit`` (used on the I/O loop)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._lock = threading.Lock()
         self._calls: dict[str, int] = {}
 
     def acquire(self, client: str) -> bool:
-        with self._lock:
-            count = self._calls.get(client, 0)
-            if count >= self.limit:
-                return False
-            self._calls[client] = count + 1
-            return True
+        count = self._calls.get(client, 0)
+        if count >= self.limit:
+            return False
+        self._calls[client] = count + 1
+        return True
 
     def release(self, client: str) -> None:
-        with self._lock:
-            count = self._calls[client] - 1
-            if count:
-                self._calls[client] = count
-            else:
-                del self._calls[client]
+        count = self._calls[client] - 1
+        if count:
+            self._calls[client] = count
+        else:
+            del self._calls[client]
 
     def in_flight(self, client: str) -> int:
-        with self._lock:
-            return self._calls.get(client, 0)
+        return self._calls.get(client, 0)
 
 
 def peer_host(peer: str) -> str:
@@ -238,55 +271,42 @@ def peer_host(peer: str) -> str:
     return host if separator and port.isdigit() and ":" in host else peer
 
 
-def _limited(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, rejected):
+def _limited(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, rejected, identity):
+    """``handler`` counted in and out of ``limiter`` under the caller's key: its token's
+    identity when it authenticated, else its peer host."""
     inner = _inner(handler)
 
-    def admit(context: grpc.ServicerContext) -> Callable[[], None]:
-        """Count the call in, or abort it; returns the (idempotent) release."""
-        client = peer_host(context.peer())
+    async def admit(context: grpc.aio.ServicerContext) -> str:
+        """Count the call in, or abort it; returns the key to release."""
+        client = identity or peer_host(context.peer())
         if not limiter.acquire(client):
             rejected.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            context.abort(
+            who = f"client {client}" if identity is None else "this token"
+            await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"client {client}: {limiter.limit} calls already in flight (the limit per "
-                "client); wait for one to finish",
+                f"{who}: {limiter.limit} calls already in flight (the limit per client); "
+                "wait for one to finish",
             )
-        released = threading.Event()
-        lock = threading.Lock()
+        return client
 
-        def release() -> None:
-            with lock:
-                if released.is_set():
-                    return
-                released.set()
+    # A cancelled call's handler is cancelled too, so ``finally`` releases every call.
+    if inspect.isasyncgenfunction(inner):
+
+        async def generating(request, context):
+            client = await admit(context)
+            try:
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                limiter.release(client)
+
+        return _rebuild(handler, generating)
+
+    async def awaiting(request, context):
+        client = await admit(context)
+        try:
+            return await inner(request, context)
+        finally:
             limiter.release(client)
 
-        return release
-
-    if not handler.response_streaming:
-
-        def unary(request, context):
-            release = admit(context)
-            try:
-                return inner(request, context)
-            finally:
-                release()
-
-        return _rebuild(handler, unary)
-
-    def streaming(request, context) -> Iterator:
-        release = admit(context)
-        # A cancelled stream is never iterated to its end: the termination callback
-        # releases it; the generator's own end releases a completed one at once.
-        if not context.add_callback(release):
-            release()
-
-        def responses():
-            try:
-                yield from inner(request, context)
-            finally:
-                release()
-
-        return responses()
-
-    return _rebuild(handler, streaming)
+    return _rebuild(handler, awaiting)

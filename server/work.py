@@ -39,8 +39,10 @@ class StructureResult:
 class WorkItem:
     """One structure on its way to a runner.
 
-    The future is the only channel back: the service waits on it (unary) or attaches a
-    callback (streams); cancelling it before the batcher takes the item drops the item.
+    The future is the only channel back: the service awaits it. A caller that stops
+    waiting withdraws the item through its batcher (``Batcher.withdraw``), which takes it
+    out of the queue, or marks it ``abandoned`` once it is in a batch, so a batch whose
+    every structure was abandoned never runs.
     """
 
     request: CheckedRequest
@@ -48,3 +50,5 @@ class WorkItem:
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
     taken: float = 0.0
+    queued: bool = False  # in its batcher's queue (owned by the batcher's lock)
+    abandoned: bool = False  # nobody waits for the result any more

@@ -59,7 +59,6 @@ def running_server(
         device="cpu",
         dtype=torch.float64,
         limits=BatchLimits(max_delay=max_delay, max_queue=max_queue),
-        max_workers=16,
         grace=5.0,
     )
     server = InferenceServer(config)

@@ -36,7 +36,6 @@ def repository_server(repo: Path, **config) -> Iterator[InferenceServer]:
         device="cpu",
         dtype=torch.float64,
         limits=BatchLimits(max_delay=0.002),
-        max_workers=32,
         grace=5.0,
         repository=repo,
         poll_interval=0.2,

@@ -134,7 +134,6 @@ def secure_server(
         device="cpu",
         dtype=torch.float64,
         limits=BatchLimits(max_delay=0.001),
-        max_workers=16,
         grace=2.0,
         security=security,
     )

@@ -108,13 +108,14 @@ def running_server(
     models: dict[str, CrossfieldMACE],
     dtype: torch.dtype = torch.float64,
     backend: Backend | None = None,
+    settings: dict | None = None,
     **limits,
 ) -> Iterator[InferenceServer]:
     """A real server on 127.0.0.1 (ephemeral gRPC and metrics ports) serving ``models``
     by name with ``backend`` (default eager); ``limits`` override BatchLimits fields or
-    ``max_atoms_per_structure``."""
+    ``max_atoms_per_structure``, ``settings`` other ServerConfig fields."""
     max_atoms = limits.pop("max_atoms_per_structure", 4096)
-    config = ServerConfig(
+    fields = dict(
         host="127.0.0.1",
         port=0,
         metrics_host="127.0.0.1",
@@ -123,10 +124,10 @@ def running_server(
         dtype=dtype,
         limits=BatchLimits(**limits),
         max_atoms_per_structure=max_atoms,
-        max_workers=48,
         grace=5.0,
         backend=backend or Backend(),
     )
+    config = ServerConfig(**{**fields, **(settings or {})})
     server = InferenceServer(config)
     for name, model in models.items():
         server.add_model(model, name, "1", {"purpose": "test"})

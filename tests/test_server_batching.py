@@ -93,7 +93,7 @@ def test_full_queue_answers_resource_exhausted(model) -> None:
         assert "queue full (2 structures waiting)" in raised.value.details()
         assert all(call.result().HasField("energy") for call in calls)
         metrics = scrape(server)
-    exhausted = SMALL | {("head", "pbe"), ("status", "RESOURCE_EXHAUSTED")}
+    exhausted = SMALL | {("version", "1"), ("head", "pbe"), ("status", "RESOURCE_EXHAUSTED")}
     assert metrics[("crossfield_requests_total", exhausted)] == 1
 
 

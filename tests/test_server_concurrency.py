@@ -157,17 +157,19 @@ def test_metrics_count_what_was_sent(model) -> None:
         if name == "crossfield_requests_total" and dict(labels)["model"] == "small"
     }
     assert requests == dict(sent)
-    unknown = frozenset({("model", "-"), ("head", "-"), ("status", "NOT_FOUND")})
+    unknown = frozenset({("model", "-"), ("version", "-"), ("head", "-"), ("status", "NOT_FOUND")})
     assert metrics[("crossfield_requests_total", unknown)] == 1
     for head in HEADS:
         key = ("crossfield_atoms_evaluated_total", frozenset({("model", "small"), ("head", head)}))
         assert metrics.get(key, 0) == atoms[head]
     small = frozenset({("model", "small")})
+    version = small | {("version", "1")}
     assert metrics[("crossfield_batch_structures_sum", small)] == len(work)
     assert metrics[("crossfield_batch_atoms_sum", small)] == sum(atoms.values())
-    assert metrics[("crossfield_queue_seconds_count", small)] == len(work)
-    assert metrics[("crossfield_request_seconds_count", small)] == len(work)
-    assert metrics[("crossfield_queue_depth", small)] == 0
+    assert metrics[("crossfield_queue_seconds_count", version)] == len(work)
+    assert metrics[("crossfield_request_seconds_count", version)] == len(work)
+    assert metrics[("crossfield_compute_seconds_count", version)] >= 1
+    assert metrics[("crossfield_queue_depth", version)] == 0
     loaded = frozenset(
         {("model", "small"), ("version", "1"), ("dtype", "float64"), ("device", "cpu")}
     )
