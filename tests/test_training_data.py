@@ -55,7 +55,9 @@ def test_labels_come_from_configured_keys_or_the_calculator(tmp_path):
     assert default[2].energy is None and default[2].forces is None
 
     targets = build_targets(default, ["default"])
-    assert targets.energy_weight.tolist() == [0.0, 1.0, 0.0]  # no "energy" label in frame 0
+    # frame 0 has no "energy" label: default keys fall back to mace-torch's REF_energy
+    assert default[0].energy == -3.5
+    assert targets.energy_weight.tolist() == [1.0, 1.0, 0.0]
     assert targets.labelled[2].tolist() == [False, False, False]
 
 

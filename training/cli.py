@@ -71,6 +71,19 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", default=None, help="YAML training configuration")
+    parser.add_argument(
+        "--mace-config",
+        default=None,
+        metavar="MACE_YAML",
+        help="train from a mace-torch training YAML instead (options it cannot carry over "
+        "are listed); data paths are relative to the current folder, as in mace-torch",
+    )
+    parser.add_argument(
+        "--write-config",
+        default=None,
+        metavar="YAML",
+        help="with --mace-config: write the converted Crossfield config here and stop",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     for path, text in option_paths():
         flag = "--" + path.replace("_", "-")
@@ -113,7 +126,12 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        config = load_config(args.config, overrides_from(args))
+        if args.mace_config is not None:
+            config = _from_mace_config(args)
+            if config is None:  # --write-config: converted, not trained
+                return 0
+        else:
+            config = load_config(args.config, overrides_from(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"crossfield train: {err}", file=sys.stderr)
         return 2
@@ -122,3 +140,43 @@ def run(args: argparse.Namespace) -> int:
         keys = ("model_path", "best_epoch", "epochs_run", "metrics", "published")
         print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
     return 0
+
+
+def _from_mace_config(args: argparse.Namespace):
+    """Convert a mace-torch YAML and say what did not carry over; the training config, or
+    None once written to ``--write-config``."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from crossfield.training.config import load_config
+    from crossfield.training.mace_config import from_mace
+
+    if args.config is not None:
+        raise ValueError("--mace-config: give either a Crossfield config or a mace-torch one")
+    with open(args.mace_config) as handle:
+        options = yaml.safe_load(handle) or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{args.mace_config}: the top level must be a mapping")
+    tree, skipped = from_mace(options)
+    for head in tree["heads"]:  # mace-torch reads data paths from the current folder
+        for key in ("train_file", "valid_file", "test_file"):
+            if head.get(key):
+                head[key] = str(Path(head[key]).absolute())
+    if tree.get("finetune", {}).get("replay_file"):
+        tree["finetune"]["replay_file"] = str(Path(tree["finetune"]["replay_file"]).absolute())
+    if skipped:
+        print(
+            f"crossfield train: not carried over from {args.mace_config}: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+    text = yaml.safe_dump(tree, sort_keys=False)
+    if args.write_config is not None:
+        Path(args.write_config).write_text(text)
+        print(f"crossfield train: wrote {args.write_config}")
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(text)
+        return load_config(path, overrides_from(args))

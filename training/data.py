@@ -8,6 +8,12 @@ names (``energy``, ``forces``, ``stress``) into a ``SinglePointCalculator`` whil
 custom names such as ``REF_energy`` in ``info``. A missing label is not an error: its
 loss weight becomes zero, so partially labelled data sets train on what they have.
 
+Files labelled for mace-torch train as they are: with the default keys, labels missing
+under ``energy`` / ``forces`` / ``stress`` are taken from mace-torch's ``REF_energy``,
+``REF_forces``, ``REF_stress`` (or ``REF_virials``), configurations are weighted by
+``config_type_weights`` of their ``info["config_type"]``, and a file whose configurations
+name their head in ``info["head"]`` gives each head only its own configurations.
+
 Neighbour lists are built once per configuration (:func:`build_graphs`) and batches are
 concatenations of those graphs, so an epoch costs no neighbour search.
 """
@@ -15,7 +21,7 @@ concatenations of those graphs, so an epoch costs no neighbour search.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +30,21 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from crossfield.model.graph import GraphBatch, Structure, build_batch
 
+# mace-torch's default keys, tried after ours when ours are left at their defaults
+MACE_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "stress": "REF_stress"}
+MACE_VIRIALS = "REF_virials"
+DEFAULT_CONFIG_TYPE = "Default"  # mace-torch's name for configurations without a type
+
 
 @dataclass
 class DataKeys:
-    """Where the labels of a configuration live (``info``/``arrays`` keys or calculator results)."""
+    """Where the labels of a configuration live (``info``/``arrays`` keys or calculator
+    results), and how configurations are weighted.
+
+    ``head``: the ``info`` key naming a configuration's head (mace-torch's ``head``).
+    ``config_type_weights``: loss weight per ``info["config_type"]`` (``Default`` for
+    configurations without one), multiplied into ``weight``; types not listed weigh 1.
+    """
 
     energy: str = "energy"
     forces: str = "forces"
@@ -36,6 +53,15 @@ class DataKeys:
     energy_weight: str = "config_energy_weight"
     forces_weight: str = "config_forces_weight"
     stress_weight: str = "config_stress_weight"
+    head: str = "head"
+    config_type_weights: dict[str, float] = field(default_factory=dict)
+
+    def candidates(self, label: str) -> tuple[str, ...]:
+        """The keys tried for ``label``: the configured one, then mace-torch's."""
+        key = getattr(self, label)
+        if key == label and label in MACE_KEYS:
+            return (key, MACE_KEYS[label])
+        return (key,)
 
 
 @dataclass
@@ -67,14 +93,28 @@ class Configuration:
         return self.structure.head
 
 
-def _label(atoms, key: str, per_atom: bool):
-    """A label from ``arrays``/``info`` under ``key``, else from the attached calculator."""
+def _label(atoms, keys: tuple[str, ...], per_atom: bool):
+    """A label from ``arrays``/``info`` under the first of ``keys`` present, else from the
+    attached calculator."""
     store = atoms.arrays if per_atom else atoms.info
-    if key in store:
-        return store[key]
-    calc = getattr(atoms, "calc", None)
-    results = getattr(calc, "results", None) or {}
-    return results.get(key)
+    results = getattr(getattr(atoms, "calc", None), "results", None) or {}
+    for key in keys:
+        if key in store:
+            return store[key]
+        if key in results:
+            return results[key]
+    return None
+
+
+def _virials_stress(atoms, keys: DataKeys):
+    """Stress from mace-torch's ``REF_virials`` (-V * stress), with default keys only."""
+    if keys.stress != "stress" or MACE_VIRIALS not in atoms.info:
+        return None
+    volume = abs(float(np.linalg.det(atoms.cell.array)))
+    if volume < 1e-9:
+        return None
+    virials = np.asarray(atoms.info[MACE_VIRIALS], dtype=np.float64).reshape(-1)
+    return -(voigt_6_to_full_3x3_stress(virials) if virials.size == 6 else virials) / volume
 
 
 def _stress_tensor(value, source: str, key: str) -> np.ndarray:
@@ -91,9 +131,11 @@ def configuration_from_atoms(
 ) -> Configuration:
     """Convert one ``ase.Atoms`` with labels into a :class:`Configuration`."""
     n = len(atoms)
-    energy = _label(atoms, keys.energy, per_atom=False)
-    forces = _label(atoms, keys.forces, per_atom=True)
-    stress = _label(atoms, keys.stress, per_atom=False)
+    energy = _label(atoms, keys.candidates("energy"), per_atom=False)
+    forces = _label(atoms, keys.candidates("forces"), per_atom=True)
+    stress = _label(atoms, keys.candidates("stress"), per_atom=False)
+    if stress is None:
+        stress = _virials_stress(atoms, keys)
     if forces is not None:
         forces = np.asarray(forces, dtype=np.float64)
         if forces.shape != (n, 3):
@@ -110,24 +152,31 @@ def configuration_from_atoms(
         except (TypeError, ValueError):
             raise ValueError(f"{source}: {key}: weight must be a number, got {value!r}") from None
 
+    config_type = str(atoms.info.get("config_type", ""))
+    type_weight = keys.config_type_weights.get(config_type or DEFAULT_CONFIG_TYPE, 1.0)
     return Configuration(
         structure=Structure.from_atoms(atoms, head=head),
         energy=None if energy is None else float(energy),
         forces=forces,
         stress=stress,
-        weight=number(keys.weight),
+        weight=number(keys.weight) * float(type_weight),
         energy_weight=number(keys.energy_weight),
         forces_weight=number(keys.forces_weight),
         stress_weight=number(keys.stress_weight),
         source=source,
-        config_type=str(atoms.info.get("config_type", "")),
+        config_type=config_type,
     )
 
 
 def read_configurations(
     path: str | Path, keys: DataKeys | None = None, head: str | None = None, index: str = ":"
 ) -> list[Configuration]:
-    """Read every configuration of a file in any format ``ase.io.read`` supports."""
+    """Read every configuration of a file in any format ``ase.io.read`` supports.
+
+    When some configurations name ``head`` in ``info[keys.head]``, only those that name it
+    are read (one file holding several heads' data, as mace-torch writes them); a file
+    that never names ``head`` is all this head's.
+    """
     import ase.io
 
     keys = keys or DataKeys()
@@ -137,9 +186,12 @@ def read_configurations(
     frames = ase.io.read(path, index=index)
     if not isinstance(frames, list):
         frames = [frames]
+    indexed = list(enumerate(frames))
+    if head is not None and any(a.info.get(keys.head) == head for a in frames):
+        indexed = [(i, a) for i, a in indexed if a.info.get(keys.head) == head]
     return [
         configuration_from_atoms(atoms, keys, head=head, source=f"{path}[{i}]")
-        for i, atoms in enumerate(frames)
+        for i, atoms in indexed
     ]
 
 
