@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("crossfield.server.cli", "run the gRPC inference server"),
     "compute": ("crossfield.client.cli", "evaluate a file of structures on a server (screening)"),
     "ipi": ("crossfield.client.ipi_cli", "answer i-PI's force clients from a server (PIMD)"),
+    "lammps": ("crossfield.client.lammps_cli", "run a LAMMPS script with forces from a server"),
     "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),
     "publish": ("crossfield.training.publish_cli", "publish a checkpoint into a model repository"),
     "import-mace": ("crossfield.model.import_cli", "convert a mace-torch .model file"),
@@ -33,6 +34,7 @@ EXTRAS: dict[str, str] = {
     "import-mace": "model",
     "data": "data",
     "compute": "model",
+    "lammps": "lammps",
 }
 
 
