@@ -10,6 +10,10 @@ On loopback, against a subprocess server serving a small float64 checkpoint:
   its channel closed, or the client process SIGKILLed;
 - hostile clients send hypothesis-generated bad requests (see ``hostile_classes``) and
   check each gets its status (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED);
+- attackers hold the server open: silent streams, floods of HEADERS-only HTTP/2 streams
+  on one connection (beyond the server's per-connection cap) and streams that send
+  structures and do not read the answers; each must be ended (idle, unread) or refused
+  by the server while everyone else is served;
 - at ``restart_at`` of the run the server gets SIGTERM and a new one starts on the same
   port; the good clients retry and resubmit what was not answered.
 
@@ -25,9 +29,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import queue
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +58,7 @@ HEADS = ("pbe", "r2scan", "wb97")
 MAX_ATOMS = 256  # --max-atoms-per-structure of the soak server
 MAX_MESSAGE = 1 << 20  # --max-message-bytes of the soak server
 RTOL = 1e-8
+IDLE_TIMEOUT = 2.0  # --stream-idle-timeout of the soak server: attacks end in seconds
 # Enough attempts to outlast a restart: drain, start of a new process (tens of seconds on
 # two busy cores) and gRPC's own reconnect backoff.
 RETRIES = RetryPolicy(attempts=400, initial_backoff=0.05, max_backoff=0.5)
@@ -64,6 +71,7 @@ class SoakConfig:
     duration: float = 60.0  # seconds of load
     victims: int = 4  # threads that start and kill streams (one of them kills processes)
     hostile: int = 4  # threads that send bad requests
+    attackers: int = 2  # threads that open idle, HEADERS-only and unread streams
     examples_per_class: int = 20  # hypothesis examples per class of bad request
     restart_at: float | None = 0.4  # fraction of the run; None: no restart
     warmup: float = 5.0  # seconds before RSS sampling counts
@@ -161,6 +169,7 @@ class ServerProcess:
         command += ["--dtype", "float64", "--device", "cpu", "--threads", "1"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
         command += ["--max-atoms-per-structure", str(MAX_ATOMS)]
+        command += ["--stream-idle-timeout", str(IDLE_TIMEOUT)]
         command += ["--max-message-bytes", str(MAX_MESSAGE)]
         command += ["--max-delay-ms", "2", "--grace", str(grace)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -198,7 +207,8 @@ class ServerProcess:
             self.rss.append((time.monotonic(), int(match.group(1))))
 
     def scrape(self) -> Counter:
-        """crossfield_requests_total by (model, status)."""
+        """crossfield_requests_total by (model, status), and streams ended by
+        ("stream-end", reason)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -209,6 +219,8 @@ class ServerProcess:
             for sample in family.samples:
                 if sample.name == "crossfield_requests_total":
                     counts[(sample.labels["model"], sample.labels["status"])] += int(sample.value)
+                elif sample.name == "crossfield_streams_ended_total":
+                    counts[("stream-end", sample.labels["reason"])] += int(sample.value)
         return counts
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -498,6 +510,148 @@ def record_hostile(run: Run, case: Hostile, code: str) -> None:
         run.tally.fail(f"hostile {case.name}: got {code}, expected {sorted(case.expected)}")
 
 
+# -- attackers: streams that hold the server open ----------------------------------------
+def attacker(run: Run, index: int) -> None:
+    """Idle streams, a HEADERS-only flood and an unread stream in turn; paused (like the
+    hostile clients) around the restart, so that the counters can be compared."""
+    attacks = (idle_streams, headers_flood, unread_stream)
+    turn = index
+    while run.running():
+        with run.hostile_cond:
+            if not run.hostile_gate.is_set():
+                run.hostile_cond.wait(0.2)
+                continue
+            run.hostile_in_flight += 1
+        attack = attacks[turn % len(attacks)]
+        turn += 1
+        try:
+            attack(run)
+        except Exception as err:
+            run.tally.fail(f"attack {attack.__name__}: {type(err).__name__}: {err}")
+        finally:
+            with run.hostile_cond:
+                run.hostile_in_flight -= 1
+                run.hostile_cond.notify_all()
+
+
+def ended_status(call) -> tuple[str, str]:
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as err:
+        return err.code().name, err.details() or ""
+    return "OK", ""
+
+
+def idle_streams(run: Run, count: int = 8) -> None:
+    """Streams that send nothing: the server must end each UNAVAILABLE ("stream idle")."""
+    channel = grpc.insecure_channel(run.address)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    silent = [queue.Queue() for _ in range(count)]
+    calls = [stub.ComputeStream(iter(q.get, None), timeout=8 * IDLE_TIMEOUT) for q in silent]
+    for call, requests in zip(calls, silent):
+        code, details = ended_status(call)
+        requests.put(None)
+        if code == "UNAVAILABLE" and "stream idle" in details:
+            run.tally.add(("attack", "idle stream ended"))
+        else:
+            run.tally.fail(f"idle stream: {code} {details!r}, expected UNAVAILABLE (idle)")
+    channel.close()
+
+
+def headers_flood(run: Run, streams: int = 300) -> None:
+    """HEADERS-only streams on one connection, ignoring its stream limit: the excess is
+    refused at once, the rest held until the idle timeout ends them."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from h2.settings import SettingCodes
+
+    host, _, port = run.address.rpartition(":")
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 2**31 - 1
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/crossfield.v1.Inference/ComputeStream"),
+        (":authority", host),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    for _ in range(streams):
+        connection.send_headers(connection.get_next_available_stream_id(), headers)
+    refused: set[int] = set()  # reset before any answer: beyond the connection's limit
+    ended: set[int] = set()  # answered (a status) by the server: the idle timeout
+    with socket.create_connection((host, int(port)), timeout=0.2) as sock:
+        sock.sendall(connection.data_to_send())
+        deadline = time.monotonic() + 4 * IDLE_TIMEOUT
+        while len(refused | ended) < streams and time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id not in ended:
+                    refused.add(event.stream_id)
+            sock.sendall(connection.data_to_send())
+    run.tally.add(("attack", "flood stream refused"), len(refused))
+    run.tally.add(("attack", "flood stream ended"), len(ended))
+    if not refused or len(refused | ended) != streams:
+        run.tally.fail(
+            f"headers flood: {len(refused)} refused + {len(ended)} ended of {streams} streams"
+        )
+
+
+def unread_stream(run: Run, count: int = 60) -> None:
+    """A stream that sends structures and reads nothing for a while. Once its answers fill
+    the client's 64 KiB HTTP/2 window (a dozen 128-atom answers) the server's writes
+    stall, and after the idle timeout it must end the stream UNAVAILABLE ("stream not
+    read"); a server too busy to get that far in time answers all of them instead. Either
+    way no answer may be lost or doubled."""
+    atoms = max(run.pool, key=len).repeat((2, 2, 2))  # a 16-atom crystal: 128 atoms
+    request = compute_request(
+        atoms.numbers,
+        atoms.positions,
+        atoms.cell.array if atoms.pbc.any() else None,
+        atoms.pbc if atoms.pbc.any() else None,
+        model="victim",
+        properties=("energy", "forces", "atom_energies"),
+    )
+
+    def requests() -> Iterator:
+        for n in range(count):
+            copy = inference_pb2.ComputeRequest()
+            copy.CopyFrom(request)
+            copy.id = str(n)
+            yield copy
+
+    # without BDP probing the client's receive window stays small: writes stall soon
+    channel = grpc.insecure_channel(run.address, options=[("grpc.http2.bdp_probe", 0)])
+    call = inference_pb2_grpc.InferenceStub(channel).ComputeStream(requests(), timeout=60)
+    time.sleep(3 * IDLE_TIMEOUT)
+    seen: Counter = Counter()
+    code, details = "OK", ""
+    try:
+        for response in call:
+            seen[response.id] += 1
+    except grpc.RpcError as err:
+        code, details = err.code().name, err.details() or ""
+    channel.close()
+    if any(n > 1 for n in seen.values()):
+        run.tally.fail(f"unread stream: answers doubled: {[i for i, n in seen.items() if n > 1]}")
+    if code == "UNAVAILABLE" and "stream not read" in details:
+        run.tally.add(("attack", "unread stream ended"))
+    elif code == "OK" and len(seen) == count:
+        run.tally.add(("attack", "unread stream answered before the timeout"))
+    else:
+        run.tally.fail(f"unread stream: {code} {details!r} after {len(seen)} of {count} answers")
+
+
 # -- the run -----------------------------------------------------------------------------
 @dataclass
 class SoakReport:
@@ -549,6 +703,9 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = print) -> SoakRepo
         threads += [threading.Thread(target=victim, args=(run, i)) for i in range(config.victims)]
         threads += [
             threading.Thread(target=hostile, args=(run, i, corpus)) for i in range(config.hostile)
+        ]
+        threads += [
+            threading.Thread(target=attacker, args=(run, i)) for i in range(config.attackers)
         ]
         for thread in threads:
             thread.daemon = True
@@ -859,6 +1016,8 @@ def table(report: SoakReport) -> str:
         for status in ("INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "UNAVAILABLE"):
             server = sum(s["counters"][(m, status)] for m in ("small", "-"))
             row(f"  small/- {status}", "", server)
+        ends = {k[1]: v for k, v in s["counters"].items() if k[0] == "stream-end"}
+        row("  streams ended (server)", "", " ".join(f"{k}={v}" for k, v in sorted(ends.items())))
         victim = {k[1]: v for k, v in s["counters"].items() if k[0] == "victim"}
         row("  victim statuses (server)", "", " ".join(f"{k}={v}" for k, v in victim.items()))
         row(f"  RSS baseline MiB ({s['rss_samples']} samples)", "", f"{s['rss_kb'] / 1024:.1f}")
@@ -870,6 +1029,8 @@ def table(report: SoakReport) -> str:
         row(f"  {key[0]} {key[1]}", counts[key])
     for key in sorted(k for k in counts if k[0] == "victim"):
         row(f"  victim {key[1]}", counts[key])
+    for key in sorted(k for k in counts if k[0] == "attack"):
+        row(f"  attack: {key[1]}", counts[key])
     row("-- hostile classes (status: count)", "", "")
     classes: dict[str, list[str]] = {}
     for key, n in sorted(counts.items()):
