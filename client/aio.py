@@ -3,37 +3,161 @@
 For programs that already run an event loop (workflow engines, web services, active
 learning drivers juggling many simulations): the calls are awaitable and
 ``compute_many`` is an async iterator, with the same semantics as the sync ``Client``:
-unary calls retried with backoff round-robin over the servers, one stream per server
-with a bounded number in flight, unanswered requests of a failed stream re-sent.
+calls go to a server that is up (waiting for one within the deadline), are retried with
+backoff round-robin over the servers, a structure in flight when servers went away is
+not replayed on every other, one stream per server keeps a bounded number in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import itertools
 import time
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 from tqdm.auto import tqdm
 
-from crossfield.client.client import DEFAULT_PROPERTIES, _retry_policy
+from crossfield.client.aio_stream import AsyncStreamRun
+from crossfield.client.client import DEFAULT_PROPERTIES, _retry_policy, _retryable
 from crossfield.client.connection import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    Connection,
-    RoundRobin,
+    HEALTH_CHECK,
+    PROBE_TIMEOUT_S,
+    READY,
+    RetryPolicy,
     Security,
+    as_bytes,
+    open_channel,
+    probe_failed,
 )
 from crossfield.client.errors import (
     CrossfieldError,
     DeadlineExceededError,
-    InvalidStructureError,
+    ServerUnavailableError,
     from_rpc_error,
+    lost_in_flight,
 )
 from crossfield.client.results import Result, atoms_request, check_properties, response_result
-from crossfield.client.stream import OpenStream
-from crossfield.v1 import inference_pb2
+from crossfield.v1 import inference_pb2, inference_pb2_grpc
+
+_UNSETTLED = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+
+
+class AsyncConnection:
+    """One server address on ``grpc.aio``: channel, stub and the probes of ``Connection``."""
+
+    def __init__(
+        self, address: str, security: Security, max_message_bytes: int, retries: RetryPolicy
+    ) -> None:
+        self.address = address
+        self.channel = open_channel(address, security, max_message_bytes, retries, aio=True)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self._probe = self.channel.unary_unary(
+            HEALTH_CHECK, request_serializer=as_bytes, response_deserializer=as_bytes
+        )
+
+    def state(self) -> grpc.ChannelConnectivity:
+        """The channel's state; an idle channel is asked to connect."""
+        return self.channel.get_state(try_to_connect=True)
+
+    async def answers(self) -> bool:
+        """See ``Connection.answers``."""
+        try:
+            await self._probe(b"", timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as err:
+            return not probe_failed(err)
+        return True
+
+    async def why_unreachable(self) -> str:
+        try:
+            await self._probe(b"", timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as err:
+            return f"{self.address}: {err.details()}"
+        return f"{self.address}: reachable now"
+
+
+class AsyncRoundRobin:
+    """``connection.RoundRobin`` for ``AsyncConnection``s (one event loop: no lock)."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        security: Security,
+        max_message_bytes: int,
+        retries: RetryPolicy,
+    ) -> None:
+        self.connections = [
+            AsyncConnection(a, security, max_message_bytes, retries) for a in addresses
+        ]
+        self._cycle = itertools.cycle(self.connections)
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    async def pick(
+        self, deadline: float | None, after: AsyncConnection | None = None
+    ) -> AsyncConnection | None:
+        """See ``RoundRobin.pick``."""
+        if after is None:
+            first = next(self._cycle)
+        else:
+            first = self.connections[(self.connections.index(after) + 1) % len(self)]
+        start = self.connections.index(first)
+        order = self.connections[start:] + self.connections[:start]
+        for connection in order:
+            state = connection.state()
+            while state in _UNSETTLED:
+                changed = connection.channel.wait_for_state_change(state)
+                if not await _within(changed, deadline):
+                    return None
+                state = connection.state()
+            if state == READY:
+                return connection
+        waits = {asyncio.ensure_future(c.channel.channel_ready()): c for c in order}
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=_remaining(deadline), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return next((waits[w] for w in done if not w.cancelled()), None)
+
+    async def wait_ready(self, connection: AsyncConnection, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for ``connection``'s server to be up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await _within(connection.channel.channel_ready(), deadline)
+
+    async def unreachable(self, what: str, timeout: float | None) -> str:
+        reasons = [await c.why_unreachable() for c in self.connections]
+        return f"{what}: no server reachable within {timeout} s ({'; '.join(reasons)})"
+
+    async def no_server(self, what: str, timeout: float | None) -> CrossfieldError:
+        """See ``RoundRobin.no_server``."""
+        failed = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+        if any(c.channel.get_state() not in failed for c in self.connections):
+            return DeadlineExceededError(
+                f"{what}: no answer within {timeout} s", "DEADLINE_EXCEEDED"
+            )
+        return ServerUnavailableError(await self.unreachable(what, timeout), "UNAVAILABLE")
+
+    async def close(self) -> None:
+        for connection in self.connections:
+            await connection.channel.close()
+
+
+async def _within(awaitable, deadline: float | None) -> bool:
+    """Await ``awaitable``; False (and it cancelled) if the deadline passes first."""
+    try:
+        await asyncio.wait_for(awaitable, _remaining(deadline))
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class AsyncClient:
@@ -73,15 +197,12 @@ class AsyncClient:
         self.timeout = timeout
         self._max_message_bytes = max_message_bytes
         self._metadata = self.security.metadata()
-        self._servers: RoundRobin | None = None
+        self._servers: AsyncRoundRobin | None = None
 
-    def _pool(self) -> RoundRobin:
+    def _pool(self) -> AsyncRoundRobin:
         if self._servers is None:
-            self._servers = RoundRobin(
-                [
-                    Connection(a, self.security, self._max_message_bytes, aio=True)
-                    for a in self._addresses
-                ]
+            self._servers = AsyncRoundRobin(
+                self._addresses, self.security, self._max_message_bytes, self.retries
             )
         return self._servers
 
@@ -97,7 +218,7 @@ class AsyncClient:
     ) -> Result:
         """Evaluate one structure; raises a ``CrossfieldError`` subclass on failure."""
         request = self._request(atoms, check_properties(properties), model, version, head)
-        return response_result(await self._unary("Compute", request, timeout))
+        return response_result(await self._unary("Compute", request, timeout, poison=True))
 
     async def list_models(self, timeout: float | None = None) -> inference_pb2.ListModelsResponse:
         return await self._unary("ListModels", inference_pb2.ListModelsRequest(), timeout)
@@ -108,30 +229,42 @@ class AsyncClient:
         request = inference_pb2.GetModelRequest(name=name, version=version)
         return await self._unary("GetModel", request, timeout)
 
-    async def _unary(self, method: str, request, timeout: float | None):
+    async def _unary(self, method: str, request, timeout: float | None, poison: bool = False):
+        """See ``Client._unary``."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.retries.delays()
+        servers = self._pool()
+        lost: list[str] = []
+        failures = 0
         connection = None
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceededError(
-                    f"{method}: no answer within {timeout} s", "DEADLINE_EXCEEDED"
-                )
-            servers = self._pool()
-            connection = servers.next() if connection is None else servers.after(connection)
+            connection = await servers.pick(deadline, after=connection)
+            if connection is None:
+                raise await servers.no_server(method, timeout)
             try:
                 call = getattr(connection.stub, method)
-                return await call(request, timeout=remaining, metadata=self._metadata)
+                return await call(
+                    request,
+                    timeout=_remaining(deadline),
+                    metadata=self._metadata,
+                    wait_for_ready=True,
+                )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                delay = next(delays, None) if error.code in self.retries.retry_on else None
-                if delay is None:
-                    raise error from None
-                if deadline is not None:
-                    delay = min(delay, max(0.0, deadline - time.monotonic()))
-                await asyncio.sleep(delay)
+            if poison and error.code == "UNAVAILABLE" and not await connection.answers():
+                lost.append(connection.address)
+                limit = self.retries.poison_after
+                if limit is not None and len(lost) >= limit:
+                    raise lost_in_flight(lost, method) from None
+            failures += 1
+            if not _retryable(error, self.retries, len(servers)) or (
+                failures >= self.retries.attempts
+            ):
+                raise error from None
+            delay = self.retries.delay(failures - 1)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(delay)
 
     async def compute_many(
         self,
@@ -148,11 +281,21 @@ class AsyncClient:
     ) -> AsyncIterator[Result]:
         """Async iterator of ``Result``; see ``Client.compute_many``."""
         wanted = check_properties(properties)
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight: must be >= 1, got {max_in_flight}")
         if total is None and hasattr(structures, "__len__"):
             total = len(structures)
-        run = _AsyncStreamRun(self, structures, wanted, model, version, head, max_in_flight)
+
+        def make_request(index: int, atoms) -> inference_pb2.ComputeRequest:
+            return self._request(atoms, wanted, model, version, head, id=str(index))
+
+        run = AsyncStreamRun(
+            self._pool(),
+            structures,
+            make_request,
+            max_in_flight=max_in_flight,
+            retries=self.retries,
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
         waiting: dict[int, Result] = {}
         expected = 0
         with tqdm(total=total, disable=not progress, unit="structure", dynamic_ncols=True) as bar:
@@ -178,8 +321,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         if self._servers is not None:
-            for connection in self._servers.connections:
-                await connection.channel.close()
+            await self._servers.close()
             self._servers = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -187,155 +329,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-_END = object()
-
-
-class _AsyncStreamRun:
-    """One async ``compute_many``: a task per server, the design of ``stream.StreamRun``."""
-
-    def __init__(
-        self, client: AsyncClient, structures, properties, model, version, head, max_in_flight
-    ):
-        self._client = client
-        self._source = structures
-        self._make = lambda index, atoms: client._request(
-            atoms, properties, model, version, head, id=str(index)
-        )
-        connections = client._pool().connections
-        self._connections = connections
-        self._limit = max(1, math.ceil(max_in_flight / len(connections)))
-        self._cond = asyncio.Condition()
-        self._exhausted = False
-        self._retry: deque = deque()
-        self._outstanding = 0
-        self._results: asyncio.Queue = asyncio.Queue()
-        self._index = 0
-        self.source_error: Exception | None = None
-
-    async def __aiter__(self) -> AsyncIterator[Result]:
-        self._iterator = (
-            aiter(self._source) if isinstance(self._source, AsyncIterable) else iter(self._source)
-        )
-        tasks = [asyncio.create_task(self._work(c)) for c in self._connections]
-        try:
-            ended, last_error = 0, None
-            while ended < len(tasks):
-                item = await self._results.get()
-                if isinstance(item, Result):
-                    yield item
-                    continue
-                ended += 1
-                error, fatal = item
-                last_error = error or last_error
-                if fatal:
-                    raise error
-            if self._outstanding > 0 or not self._exhausted:
-                raise last_error or CrossfieldError("every stream ended before all results came")
-            if self.source_error is not None:
-                raise self.source_error
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _next_input(self):
-        """The next input structure, or ``_END`` (StopIteration must not cross a coroutine)."""
-        try:
-            if isinstance(self._iterator, AsyncIterator):
-                return await anext(self._iterator)
-            return next(self._iterator)
-        except (StopIteration, StopAsyncIteration):
-            return _END
-
-    async def _work(self, connection: Connection) -> None:
-        retries = self._client.retries
-        delays = None
-        while True:
-            stream = OpenStream(self._limit)
-            requests = self._requests(stream)
-            call = connection.stub.ComputeStream(requests, metadata=self._client._metadata)
-            error = None
-            try:
-                async for response in call:
-                    async with self._cond:
-                        entry = stream.pending.pop(response.id, None)
-                        self._cond.notify_all()
-                    if entry is not None:
-                        await self._finish(response_result(response, entry[0]))
-                    delays = None
-            except grpc.RpcError as err:
-                error = from_rpc_error(err)
-            except Exception as err:  # a bug must reach the reader, not hang the run
-                error = CrossfieldError(repr(err), "CLIENT")
-                await self._results.put((error, True))
-                return
-            async with self._cond:
-                stream.closed = True
-                unanswered = len(stream.pending)
-                self._retry.extend(stream.pending.values())
-                stream.pending.clear()
-                self._cond.notify_all()
-            if error is None and not unanswered:
-                await self._results.put((None, False))
-                return
-            if error is not None and error.code not in retries.retry_on:
-                await self._results.put((error, True))
-                return
-            delays = delays or retries.delays()
-            delay = next(delays, None)
-            if delay is None:
-                await self._results.put((error, False))
-                return
-            await asyncio.sleep(delay)
-
-    async def _requests(self, stream: OpenStream):
-        while True:
-            async with self._cond:
-                taken = await self._take(stream)
-            if taken is None:
-                return
-            index, payload, fresh = taken
-            if fresh:
-                try:
-                    request = self._make(index, payload)
-                except Exception as err:  # one unreadable input must not stop the run
-                    error = InvalidStructureError(str(err), "CLIENT")
-                    await self._finish(Result(index, error=error))
-                    continue
-            else:
-                request = payload
-            async with self._cond:
-                stream.pending[request.id] = (index, request)
-            yield request
-
-    async def _take(self, stream: OpenStream):
-        while True:
-            if stream.closed:
-                return None
-            if len(stream.pending) < stream.limit:
-                if self._retry:
-                    index, request = self._retry.popleft()
-                    return index, request, False
-                if not self._exhausted:
-                    try:
-                        atoms = await self._next_input()
-                    except Exception as err:  # unreadable input: finish what runs, then raise
-                        self.source_error, atoms = err, _END
-                    if atoms is _END:
-                        self._exhausted = True
-                        self._cond.notify_all()
-                        continue
-                    self._outstanding += 1
-                    self._index += 1
-                    return self._index - 1, atoms, True
-            if self._exhausted and not self._retry and self._outstanding == 0:
-                return None
-            await self._cond.wait()
-
-    async def _finish(self, result: Result) -> None:
-        await self._results.put(result)
-        async with self._cond:
-            self._outstanding -= 1
-            self._cond.notify_all()

@@ -45,10 +45,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-key", type=Path, default=None, help="PEM private key of --client-certificate"
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a server that is not up (yet), and for each answer (default 60)",
+    )
 
 
 def server_arguments_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the server flags (naming the flag), or None."""
+    if args.timeout <= 0:
+        return f"--timeout: must be > 0 seconds, got {args.timeout}"
     if (args.client_certificate is None) != (args.client_key is None):
         return "--client-certificate and --client-key: give both for mutual TLS"
     for flag in ("root_certificates", "client_certificate", "client_key"):
@@ -74,6 +82,7 @@ def server_client(args: argparse.Namespace, **options):
         client_certificate=_read(args.client_certificate),
         client_key=_read(args.client_key),
         allow_extrapolation=args.allow_extrapolation,
+        timeout=args.timeout,
         **options,
     )
 

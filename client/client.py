@@ -15,12 +15,11 @@ from tqdm.auto import tqdm
 
 from crossfield.client.connection import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    Connection,
     RetryPolicy,
     RoundRobin,
     Security,
 )
-from crossfield.client.errors import DeadlineExceededError, from_rpc_error
+from crossfield.client.errors import from_rpc_error, lost_in_flight
 from crossfield.client.results import Result, atoms_request, check_properties, response_result
 from crossfield.client.stream import StreamRun, in_order
 from crossfield.v1 import inference_pb2
@@ -32,13 +31,17 @@ class Client:
     """A connection to Crossfield servers; reuse one for many calls, ``close()`` at the end.
 
     ``address`` is ``"host:port"`` or a list of them: unary calls go round-robin over the
-    list and move on to the next address when one is unavailable; ``compute_many`` opens
-    one stream per address. ``model``, ``version`` and ``head`` are defaults for every
-    call (empty: the server's default model, its newest version, the model's first head).
-    ``timeout`` is the deadline of a unary call in seconds, retries included. ``token`` is
-    sent as ``authorization: Bearer <token>``; ``root_certificates`` (PEM) or ``tls=True``
-    switch on TLS, ``server_name`` overrides the name checked in the certificate.
-    ``retries`` is a ``RetryPolicy`` or a number of attempts. ``allow_extrapolation``
+    servers that are up and move on to the next address when one fails; ``compute_many``
+    opens one stream per address. ``model``, ``version`` and ``head`` are defaults for
+    every call (empty: the server's default model, its newest version, the model's first
+    head). ``timeout`` is the deadline of a unary call in seconds, retries and waiting for
+    a server to come up included; ``compute_many`` waits as long for a server to come
+    (back) up. ``token`` is sent as ``authorization: Bearer <token>``;
+    ``root_certificates`` (PEM) or ``tls=True`` switch on TLS, ``server_name`` overrides
+    the name checked in the certificate. ``retries`` is a ``RetryPolicy`` or a number of
+    attempts (``connection.py`` says what gRPC retries and what the client does; a
+    structure in flight when servers went away is not replayed on every other, see
+    ``RetryPolicy.poison_after``). ``allow_extrapolation``
     asks for answers (flagged in ``Result.extrapolated_elements``) where a head would
     otherwise refuse elements outside its training data.
     """
@@ -71,9 +74,7 @@ class Client:
         self.head = head or ""
         self.timeout = timeout
         self.allow_extrapolation = allow_extrapolation
-        self._servers = RoundRobin(
-            [Connection(a, self.security, max_message_bytes) for a in addresses]
-        )
+        self._servers = RoundRobin(addresses, self.security, max_message_bytes, self.retries)
         self._metadata = self.security.metadata()
 
     @property
@@ -96,7 +97,7 @@ class Client:
         request = self._request(
             atoms, check_properties(properties), model, version, head, allow_extrapolation
         )
-        response = self._unary("Compute", request, timeout)
+        response = self._unary("Compute", request, timeout, poison=True)
         return response_result(response)
 
     def list_models(self, timeout: float | None = None) -> inference_pb2.ListModelsResponse:
@@ -110,33 +111,46 @@ class Client:
         request = inference_pb2.GetModelRequest(name=name, version=version)
         return self._unary("GetModel", request, timeout)
 
-    def _unary(self, method: str, request, timeout: float | None):
-        """One call with retries: backoff between attempts, the next server each time,
-        and one deadline for all attempts together."""
+    def _unary(self, method: str, request, timeout: float | None, poison: bool = False):
+        """One call: to a server that is up (waiting for one within the deadline), then on
+        failure to the next server after a backoff, with one deadline for everything.
+
+        With ``poison``, a call that failed with UNAVAILABLE on a server that then no
+        longer answers counts as lost with that server; after ``retries.poison_after``
+        such losses the structure is failed with ``PoisonStructureError``.
+        """
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.retries.delays()
+        servers = self._servers
+        lost: list[str] = []
+        failures = 0
         connection = None
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceededError(
-                    f"{method}: no answer within {timeout} s", "DEADLINE_EXCEEDED"
-                )
-            servers = self._servers
-            connection = servers.next() if connection is None else servers.after(connection)
+            connection = servers.pick(deadline, after=connection)
+            if connection is None:
+                raise servers.no_server(method, timeout)
             try:
                 return getattr(connection.stub, method)(
-                    request, timeout=remaining, metadata=self._metadata
+                    request,
+                    timeout=_remaining(deadline),
+                    metadata=self._metadata,
+                    wait_for_ready=True,
                 )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                delay = next(delays, None) if error.code in self.retries.retry_on else None
-                if delay is None:
-                    raise error from None
-                if deadline is not None:
-                    delay = min(delay, max(0.0, deadline - time.monotonic()))
-                time.sleep(delay)
+            if poison and error.code == "UNAVAILABLE" and not connection.answers():
+                lost.append(connection.address)
+                limit = self.retries.poison_after
+                if limit is not None and len(lost) >= limit:
+                    raise lost_in_flight(lost, method) from None
+            failures += 1
+            retry = _retryable(error, self.retries, len(servers))
+            if not retry or failures >= self.retries.attempts:
+                raise error from None
+            delay = self.retries.delay(failures - 1)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(delay)
 
     # -- streaming ----------------------------------------------------------------------------
     def compute_many(
@@ -167,12 +181,13 @@ class Client:
             return self._request(atoms, wanted, model, version, head, None, id=str(index))
 
         run = StreamRun(
-            self._servers.connections,
+            self._servers,
             structures,
             make_request,
             max_in_flight=max_in_flight,
             retries=self.retries,
             metadata=self._metadata,
+            timeout=self.timeout,
         )
         results = in_order(iter(run)) if ordered else iter(run)
         if total is None and hasattr(structures, "__len__"):
@@ -194,14 +209,26 @@ class Client:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        for connection in self._servers.connections:
-            connection.channel.close()
+        self._servers.close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _retryable(error, retries: RetryPolicy, servers: int) -> bool:
+    """Whether the client retries ``error``. On a single address the channel's own retry
+    policy has already retried what a server refused for now (RESOURCE_EXHAUSTED,
+    CANCELLED); with several addresses, any ``retry_on`` status moves to the next one."""
+    if error.code not in retries.retry_on:
+        return False
+    return servers > 1 or error.code not in ("RESOURCE_EXHAUSTED", "CANCELLED")
 
 
 def _retry_policy(retries: RetryPolicy | int | None) -> RetryPolicy:

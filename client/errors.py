@@ -8,6 +8,8 @@ and keeps the status ``code`` name and the server's ``details`` for logs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 
@@ -26,6 +28,31 @@ class CrossfieldError(Exception):
 
 class InvalidStructureError(CrossfieldError, ValueError):
     """The server rejected the structure (element, positions, cell, size, ...)."""
+
+
+class PoisonStructureError(InvalidStructureError):
+    """The structure is the likely cause of servers failing; it is not sent again.
+
+    Either the server isolated it (it crashed or stalled the server's graph building) and
+    answered INVALID_ARGUMENT with the trailing metadata ``crossfield-poison: <reason>``,
+    or the client saw servers go away while it was in flight (``RetryPolicy.poison_after``
+    of them, the last time with nothing else in flight) and stopped before it could take
+    down another. ``reason`` says which; ``servers`` lists the addresses that went away.
+    """
+
+    def __init__(self, details: str, code: str, reason: str, servers: tuple[str, ...] = ()) -> None:
+        super().__init__(details, code)
+        self.reason = reason
+        self.servers = servers
+
+
+def lost_in_flight(servers: Sequence[str], what: str = "structure") -> PoisonStructureError:
+    """The client's verdict on a structure in flight when ``servers`` went away."""
+    reason = (
+        f"in flight when {len(servers)} servers went away ({', '.join(servers)}); "
+        "not sent to another server so that it cannot take that one down too"
+    )
+    return PoisonStructureError(f"{what}: {reason}", "UNAVAILABLE", reason, tuple(servers))
 
 
 class ModelNotFoundError(CrossfieldError, LookupError):
@@ -74,9 +101,26 @@ def error_for(code: str, details: str) -> CrossfieldError:
     return _BY_CODE.get(code, RemoteError)(details or f"server answered {code}", code)
 
 
+POISON_KEY = "crossfield-poison"
+
+
 def from_rpc_error(error: grpc.RpcError) -> CrossfieldError:
-    """The exception for a failed call (sync or asyncio)."""
+    """The exception for a failed call (sync or asyncio); a structure the server marked
+    as poison (trailing metadata ``crossfield-poison``) becomes PoisonStructureError."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "UNKNOWN"
+    reason = _trailer(error, POISON_KEY)
+    if reason is not None:
+        return PoisonStructureError(details or reason, name, reason)
     return error_for(name, details or "")
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str | None:
+    """One value of a failed call's trailing metadata (None when absent)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for item in (trailing() if callable(trailing) else None) or ():
+        name, value = item if isinstance(item, tuple) else (item.key, item.value)
+        if name == key:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return None

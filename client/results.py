@@ -97,6 +97,14 @@ def atoms_request(
     )
 
 
+def retryable_answer(response: inference_pb2.ComputeResponse, retries) -> bool:
+    """Whether a streamed answer is a live server's "not now" (a full queue, shutting
+    down) that ``retries`` (a ``RetryPolicy``) sends again rather than reports."""
+    if not response.HasField("status") or response.status.code == 0:
+        return False
+    return _CODE_NAMES.get(response.status.code, "UNKNOWN") in retries.retry_on
+
+
 def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> Result:
     """A Result from a response; a non-OK streamed status becomes ``Result.error``."""
     common = {

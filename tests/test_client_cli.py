@@ -129,6 +129,8 @@ def test_unreachable_server_stops_with_a_clear_message(tmp_path: Path, capsys) -
             str(tmp_path / "out.xyz"),
             "--server",
             f"127.0.0.1:{free_port()}",
+            "--timeout",
+            "1",
             "--no-progress",
         ]
     )

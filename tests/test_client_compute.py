@@ -228,5 +228,8 @@ def test_mutual_tls_for_compute_and_calculator(tmp_path, capsys):
         assert compute(source, target, *mutual) == 0
         assert ase.io.read(target).info["crossfield_energy"] == pytest.approx(energy, rel=1e-12)
         capsys.readouterr()
-        assert compute(source, tmp_path / "refused.xyz", *tls) == 2  # no client certificate
+        # no client certificate: the server drops the handshake, which looks like a server
+        # that is not up yet; the client waits for it until --timeout, then gives up
+        refused = compute(source, tmp_path / "refused.xyz", *tls, "--timeout", "1")
+        assert refused == 2
         assert "UNAVAILABLE" in capsys.readouterr().err

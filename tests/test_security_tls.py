@@ -129,8 +129,10 @@ def test_crossfield_client_speaks_mutual_tls_with_a_token(model, pki) -> None:
         assert client.compute(water).energy is not None
         water.calc = RemoteCalculator(client, model="", head=None)
         assert water.get_forces().shape == (len(water), 3)
+        # A server that drops the handshake looks like one that is not up yet: the client
+        # waits for it until its deadline (wait for ready), then says it is unreachable.
         without_certificate = Client(
-            address, root_certificates=pki["ca"].pem, token="client-secret", retries=1
+            address, root_certificates=pki["ca"].pem, token="client-secret", timeout=1.0
         )
         with pytest.raises(ServerUnavailableError):
             without_certificate.compute(water)
