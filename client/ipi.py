@@ -221,20 +221,29 @@ def run_clients(
     connect_timeout: float = 60.0,
 ) -> int:
     """Connect ``clients`` force clients to i-PI and serve them until i-PI ends the run;
-    the number of structures evaluated. The first failure of any client is raised."""
-    drivers = [Driver(address.connect(connect_timeout), template, evaluate) for _ in range(clients)]
-    errors: list[BaseException] = []
+    the number of structures evaluated. The first failure of any client is raised.
 
-    def serve(driver: Driver) -> None:
+    Each client connects in its own thread and answers at once: i-PI handshakes with one
+    connection at a time and listens with a small backlog, so connecting all clients
+    before answering any would leave the later ones waiting for ever."""
+    drivers: list[Driver] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def serve() -> None:
         try:
+            driver = Driver(address.connect(connect_timeout), template, evaluate)
+            with lock:
+                drivers.append(driver)
             driver.run()
         except BaseException as err:  # reported by the caller, after the others stop
-            errors.append(err)
-            for other in drivers:  # i-PI cannot go on without this client's forces
-                with contextlib.suppress(OSError):
-                    other.sock.shutdown(socket.SHUT_RDWR)
+            with lock:
+                errors.append(err)
+                for other in drivers:  # i-PI cannot go on without this client's forces
+                    with contextlib.suppress(OSError):
+                        other.sock.shutdown(socket.SHUT_RDWR)
 
-    threads = [threading.Thread(target=serve, args=(d,), daemon=True) for d in drivers]
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
