@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig, cutoff_jump_sources
 from .mace import CrossfieldMACE, build_model
+from .sizing import allocation_budget, weights_budget
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,12 @@ def load_checkpoint(
     config = ModelConfig.from_dict(payload["config"])
     # Built directly in the precision it will run in: e3nn's construction-time constants
     # (path normalisations, Wigner tables) are then exact there; weights are cast on copy.
-    model = build_model(config, dtype=dtype or getattr(torch, payload["dtype"]))
+    dtype = dtype or getattr(torch, payload["dtype"])
+    try:  # no larger than its weights say: a tiny file cannot ask for gigabytes
+        with allocation_budget(weights_budget(payload["state_dict"], dtype)):
+            model = build_model(config, dtype=dtype)
+    except MemoryError as err:
+        raise ValueError(f"{path}: config larger than its weights: {err}") from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
