@@ -5,8 +5,10 @@ Edge convention (mace-torch's): ``edge_index = [sender, receiver]`` and the edge
 Energies and forces do not depend on the choice; odd-l intermediate features flip sign.
 
 Neighbour lists come from vesin (C++, O(N), per-axis periodicity, also a torch/GPU
-backend), a well-kept library rather than our own cell lists: it is fast for the small
-cells we serve and handles cells smaller than the cutoff and mixed periodicity correctly.
+backend), a well-kept library rather than our own cell lists, behind ``neighbours.py``,
+which brings every structure into a canonical frame first so that no finite input can
+crash or stall it. The batch holds those canonical positions (float64 until the batch is
+cast): a structure far from the origin gives the same answer as at the origin.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import vesin
+
+from .neighbours import canonical_frame, frame_pairs, neighbour_list
 
 
 @dataclass
@@ -76,48 +79,52 @@ class GraphBatch:
         return GraphBatch(**{name: move(getattr(self, name)) for name in self.__dataclass_fields__})
 
 
-def neighbour_list(
-    positions: np.ndarray, cell: np.ndarray | None, pbc: Sequence[bool], r_max: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Directed pairs within ``r_max`` (both directions, no self pairs at zero shift).
+@dataclass
+class StructureGraph:
+    """One structure's neighbour list, for the canonical positions it was built on."""
 
-    Returns ``(sender, receiver, unit_shifts)`` with ``r_receiver - r_sender + S @ cell``
-    the edge vector.
-    """
-    pbc = np.asarray(pbc, dtype=bool)
-    box = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
-    if not pbc.any():
-        box = np.zeros((3, 3))
-    elif not pbc.all():
-        box = _fill_open_directions(positions, box, pbc, r_max)
-    calculator = vesin.NeighborList(cutoff=float(r_max), full_list=True)
-    i, j, shifts = calculator.compute(
-        points=np.ascontiguousarray(positions, dtype=np.float64),
-        box=box,
-        periodic=pbc.tolist() if pbc.any() else False,
-        quantities="ijS",
-    )
-    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
+    positions: np.ndarray  # [n, 3] float64, canonical (see neighbours.canonical_frame)
+    sender: np.ndarray  # [E]
+    receiver: np.ndarray  # [E]
+    unit_shifts: np.ndarray  # [E, 3] int64
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.sender.shape[0])
 
 
-def _fill_open_directions(
-    positions: np.ndarray, box: np.ndarray, pbc: np.ndarray, r_max: float
-) -> np.ndarray:
-    """Give open (non-periodic) directions lattice vectors when the cell is degenerate.
+def structure_graph(structure: Structure, r_max: float) -> StructureGraph:
+    """Canonical positions and neighbour list of ``structure`` (``NeighbourListError``, a
+    ``ValueError``, for inputs the neighbour list refuses)."""
+    frame = canonical_frame(structure.positions, structure.cell, structure.pbc, r_max)
+    return StructureGraph(frame.positions, *frame_pairs(frame, r_max))
 
-    No shift is ever applied along an open direction, so its vector only has to complete
-    the periodic ones to a basis: we use unit vectors of their orthogonal complement,
-    scaled longer than the structure.
-    """
-    if abs(np.linalg.det(box)) > 1e-8:
-        return box
-    box = box.copy()
-    extent = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
-    periodic = box[pbc]
-    complement = np.linalg.svd(periodic)[2][len(periodic) :]
-    for vector, axis in zip(complement, np.flatnonzero(~pbc)):
-        box[axis] = vector * (2.0 * extent + 2.0 * r_max + 1.0)
-    return box
+
+def check_structures(
+    structures: Sequence[Structure], elements: Sequence[int], head_names: Sequence[str]
+) -> None:
+    """Raise ``ValueError`` naming the structure and field for elements outside the table
+    or unknown heads, so callers can turn it into a per-request error."""
+    if not structures:
+        raise ValueError("structures: need at least one structure")
+    allowed = np.zeros(119, dtype=bool)
+    allowed[np.asarray(elements, dtype=np.int64)] = True
+    for index, s in enumerate(structures):
+        numbers = np.asarray(s.numbers, dtype=np.int64)
+        if numbers.size == 0:
+            raise ValueError(f"structures[{index}].numbers: empty structure")
+        bad = numbers[(numbers < 1) | (numbers > 118)]
+        if bad.size == 0:
+            bad = numbers[~allowed[numbers]]
+        if bad.size:
+            raise ValueError(
+                f"structures[{index}].numbers: element {int(bad[0])} is not in the model's "
+                f"element table {list(elements)}"
+            )
+        if s.head is not None and s.head not in head_names:
+            raise ValueError(
+                f"structures[{index}].head: unknown head {s.head!r}; heads are {list(head_names)}"
+            )
 
 
 def build_batch(
@@ -130,53 +137,70 @@ def build_batch(
 ) -> GraphBatch:
     """Neighbour lists for every structure, concatenated into one ragged batch.
 
-    Raises ``ValueError`` naming the structure and field for elements outside the table
-    or unknown heads, so callers can turn it into a per-request error.
+    Raises ``ValueError`` naming the structure and field for elements outside the table,
+    unknown heads, or inputs the neighbour list refuses.
     """
-    if not structures:
-        raise ValueError("structures: need at least one structure")
+    check_structures(structures, elements, head_names)
+    graphs = []
+    for index, structure in enumerate(structures):
+        try:
+            graphs.append(structure_graph(structure, r_max))
+        except ValueError as err:
+            raise ValueError(f"structures[{index}].{err}") from None
+    return collate(structures, graphs, elements, head_names, dtype, device)
+
+
+def collate(
+    structures: Sequence[Structure],
+    graphs: Sequence[StructureGraph],
+    elements: Sequence[int],
+    head_names: Sequence[str],
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> GraphBatch:
+    """One ragged batch from checked structures (``check_structures``) and their graphs."""
     lookup = np.full(119, -1, dtype=np.int64)
     lookup[np.asarray(elements, dtype=np.int64)] = np.arange(len(elements))
-    node_elements, positions, cells, senders, receivers, shifts, heads = [], [], [], [], [], [], []
-    offset = 0
-    for index, s in enumerate(structures):
-        numbers = np.asarray(s.numbers, dtype=np.int64)
-        if numbers.size == 0:
-            raise ValueError(f"structures[{index}].numbers: empty structure")
-        bad = numbers[(numbers < 1) | (numbers > 118)]
-        if bad.size == 0:
-            bad = numbers[lookup[numbers] < 0]
-        if bad.size:
-            raise ValueError(
-                f"structures[{index}].numbers: element {int(bad[0])} is not in the model's "
-                f"element table {list(elements)}"
-            )
-        head = head_names[0] if s.head is None else s.head
-        if head not in head_names:
-            raise ValueError(
-                f"structures[{index}].head: unknown head {head!r}; heads are {list(head_names)}"
-            )
-        pos = np.asarray(s.positions, dtype=np.float64).reshape(-1, 3)
-        cell = np.zeros((3, 3)) if s.cell is None else np.asarray(s.cell, dtype=np.float64)
-        sender, receiver, shift = neighbour_list(pos, cell, s.pbc, r_max)
-        node_elements.append(lookup[numbers])
-        positions.append(pos)
-        cells.append(cell if any(s.pbc) else np.zeros((3, 3)))
-        senders.append(sender + offset)
-        receivers.append(receiver + offset)
-        shifts.append(shift)
-        heads.append(head_names.index(head))
-        offset += len(numbers)
-    counts = np.array([len(p) for p in positions])
+    offsets = np.cumsum([0] + [len(g.positions) for g in graphs])
+    cells = [
+        np.asarray(s.cell, dtype=np.float64) if any(s.pbc) else np.zeros((3, 3)) for s in structures
+    ]
+    heads = [head_names.index(head_names[0] if s.head is None else s.head) for s in structures]
+    counts = np.diff(offsets)
     return GraphBatch(
-        node_elements=torch.as_tensor(np.concatenate(node_elements), device=device),
-        positions=torch.as_tensor(np.concatenate(positions), dtype=dtype, device=device),
+        node_elements=torch.as_tensor(
+            lookup[np.concatenate([np.asarray(s.numbers, dtype=np.int64) for s in structures])],
+            device=device,
+        ),
+        positions=torch.as_tensor(
+            np.concatenate([g.positions for g in graphs]), dtype=dtype, device=device
+        ),
         cell=torch.as_tensor(np.stack(cells), dtype=dtype, device=device),
         edge_index=torch.as_tensor(
-            np.stack([np.concatenate(senders), np.concatenate(receivers)]), device=device
+            np.stack(
+                [
+                    np.concatenate([g.sender + o for g, o in zip(graphs, offsets)]),
+                    np.concatenate([g.receiver + o for g, o in zip(graphs, offsets)]),
+                ]
+            ),
+            device=device,
         ),
-        unit_shifts=torch.as_tensor(np.concatenate(shifts), dtype=dtype, device=device),
+        unit_shifts=torch.as_tensor(
+            np.concatenate([g.unit_shifts for g in graphs]), dtype=dtype, device=device
+        ),
         batch=torch.as_tensor(np.repeat(np.arange(len(counts)), counts), device=device),
-        ptr=torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]), device=device),
+        ptr=torch.as_tensor(offsets, device=device),
         heads=torch.as_tensor(np.asarray(heads, dtype=np.int64), device=device),
     )
+
+
+__all__ = [
+    "GraphBatch",
+    "Structure",
+    "StructureGraph",
+    "build_batch",
+    "check_structures",
+    "collate",
+    "neighbour_list",
+    "structure_graph",
+]
