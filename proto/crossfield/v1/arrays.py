@@ -2,6 +2,11 @@
 
 An Array is numpy's ``tobytes()`` of a C-contiguous little-endian array plus its dtype and
 shape, so both directions are a single memcpy (``np.frombuffer`` does not even copy).
+The byte order is the wire's, not the sender's: bytes are always read as little-endian and
+decoded to the host's native order (a copy only on a big-endian host), so nothing
+downstream (C++ neighbour lists, torch) ever sees a non-native array. A sender that puts
+big-endian bytes under FLOAT64 sends different numbers; the server's bounds on coordinates
+refuse what that typically gives (values like 1e19).
 This module imports no torch: the client package and independent tools use it.
 """
 
@@ -67,4 +72,6 @@ def from_array(
             f"{dtype.name} ({expected} bytes)"
         )
     array = np.frombuffer(message.data, dtype=dtype).reshape(shape)
+    if not dtype.isnative:
+        return array.astype(dtype.newbyteorder("="))
     return array.copy() if writeable else array
