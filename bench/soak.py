@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +162,11 @@ class ServerProcess:
     ready_at: float = 0.0
 
     @classmethod
-    def start(cls, checkpoint: Path, port: int = 0, grace: float = 2.0) -> ServerProcess:
+    def start(
+        cls, checkpoint: Path, port: int = 0, grace: float = 2.0, extra: Sequence[str] = ()
+    ) -> ServerProcess:
+        """Serve ``checkpoint`` as ``small`` and ``victim``; ``extra`` flags come last and
+        so override the soak's own."""
         command = [sys.executable, "-m", "crossfield.cli", "serve"]
         command += ["--checkpoint", str(checkpoint), "--name", "small"]
         command += ["--checkpoint", str(checkpoint), "--name", "victim"]
@@ -171,7 +175,7 @@ class ServerProcess:
         command += ["--max-atoms-per-structure", str(MAX_ATOMS)]
         command += ["--stream-idle-timeout", str(IDLE_TIMEOUT)]
         command += ["--max-message-bytes", str(MAX_MESSAGE)]
-        command += ["--max-delay-ms", "2", "--grace", str(grace)]
+        command += ["--max-delay-ms", "2", "--grace", str(grace), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -901,6 +905,23 @@ def hostile_strategies() -> dict[str, tuple]:
         return _request([8, 1, 1], WATER, cell, (True, True, True))
 
     @st.composite
+    def far_coordinates(draw):  # once SIGFPE in the neighbour list; now beyond --max-coordinate
+        if draw(st.booleans()):  # big-endian bytes labelled FLOAT64 decode to ~1e19
+            swapped = WATER.astype(">f8").tobytes()
+            array = inference_pb2.Array(
+                dtype=inference_pb2.DTYPE_FLOAT64, shape=[3, 3], data=swapped
+            )
+            return _request([8, 1, 1], array)
+        positions = WATER.copy()
+        axis = draw(st.integers(0, 2))
+        positions[draw(st.integers(0, 2)), axis] = draw(st.sampled_from([-1, 1])) * draw(
+            st.floats(1.01e8, 1e300)
+        )
+        if draw(st.booleans()):  # a slab open along z
+            return _request([8, 1, 1], positions, np.diag([20.0, 20.0, 0.0]), (True, True, False))
+        return _request([8, 1, 1], positions)
+
+    @st.composite
     def duplicated_atoms(draw):
         n = draw(st.integers(2, 6))
         positions = np.array([[draw(floats) for _ in range(3)] for _ in range(n)]) * 0.1
@@ -931,6 +952,7 @@ def hostile_strategies() -> dict[str, tuple]:
         "singular cell": (singular_cell(), INVALID, True),
         "thin cell": (thin_cell(), INVALID, True),
         "duplicated atoms": (duplicated_atoms(), INVALID, True),
+        "far coordinates": (far_coordinates(), INVALID, True),
         "unknown model/head/version": (unknown_name(), frozenset({"NOT_FOUND"}), True),
         "oversize message": (oversize(), frozenset({"RESOURCE_EXHAUSTED"}), False),
     }

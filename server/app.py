@@ -87,7 +87,7 @@ class InferenceServer:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.registry = ModelRegistry()
-        self.runner = Runner(self.config.device, self.metrics)
+        self.runner = Runner(self.config.device, self.metrics, self.config.limits.graphs)
         self.repository: ModelRepository | None = None
         if self.config.repository is not None:
             self.repository = ModelRepository(

@@ -9,7 +9,7 @@ its own thread, so that graph building overlaps with the previous batch computin
 device, then hands the job to the device's runner.
 
 Edges are only known after the neighbour list, so the edge budget is planned with each
-structure's estimated edge count (see ``validation.estimate_neighbours``); a structure
+structure's estimated edge count (see ``graph_cost.py``); a structure
 larger than a whole budget runs alone.
 
 Submitting never blocks: the service runs on an event loop, so a full queue is an error
@@ -21,11 +21,10 @@ counts at once; its entry is skipped when the batcher reaches it.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crossfield.model import CrossfieldMACE
 
@@ -35,21 +34,22 @@ from .errors import (
     RequestCancelledError,
     UnavailableError,
 )
+from .graph_cost import GraphLimits
 from .metrics import Metrics
-from .runner import Job, Runner, build_graph
+from .runner import Job, Runner
 from .work import WorkItem
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """Budgets of one batch and the bound of one model's queue."""
+    """Budgets of one batch, the bound of one model's queue, and the per-structure limits
+    of graph building."""
 
     max_atoms: int = 4096
     max_edges: int = 131072
     max_delay: float = 0.005  # seconds the oldest structure may wait for batch-mates
     max_queue: int = 4096  # structures waiting; beyond it RESOURCE_EXHAUSTED
+    graphs: GraphLimits = field(default_factory=GraphLimits)
 
     def __post_init__(self) -> None:
         for name in ("max_atoms", "max_edges", "max_queue"):
@@ -229,8 +229,5 @@ class Batcher:
                 item.future.set_exception(RequestCancelledError("request cancelled"))
             return
         job = Job(model=self._model, label=self._label, items=items, version=self._version)
-        try:
-            job.graph = build_graph(self._model, items, self._runner.device)
-        except Exception as err:  # the runner retries piecewise and isolates the culprit
-            log.warning("graph of a %d-structure batch failed: %s", len(items), err)
+        self._runner.prepare(job)  # neighbour lists; a structure that fails there fails alone
         self._runner.submit(job)

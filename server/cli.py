@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from .graph_flags import add_graph_arguments, graph_limits
+
 TOKEN_VARIABLE = "CROSSFIELD_TOKEN"
 ADMIN_TOKEN_VARIABLE = "CROSSFIELD_ADMIN_TOKEN"
 
@@ -190,6 +192,7 @@ def register(subparsers) -> None:
         "is its bearer token when it sends a valid one, else its address",
     )
     _add_connection_arguments(parser)
+    add_graph_arguments(parser)
     parser.set_defaults(func=run, checkpoints=[])
 
 
@@ -312,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
             max_connection_age=args.max_connection_age or None,
             max_connection_age_grace=args.max_connection_age_grace,
         )
+        graphs = graph_limits(args)
     except ValueError as err:
         raise SystemExit(f"crossfield serve: {err}") from None
     if args.repo is not None and not args.repo.is_dir():
@@ -345,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
             max_edges=args.max_batch_edges,
             max_delay=args.max_delay_ms / 1000.0,
             max_queue=args.max_queue,
+            graphs=graphs,
         ),
         max_atoms_per_structure=args.max_atoms_per_structure,
         grace=args.grace,

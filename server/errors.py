@@ -16,6 +16,7 @@ class ServeError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.metadata: tuple[tuple[str, str], ...] = ()  # trailing metadata of the status
 
 
 class InvalidArgumentError(ServeError):
@@ -50,3 +51,17 @@ class FailedPreconditionError(ServeError):
     """The system is not in a state to do this, e.g. a model version that cannot load."""
 
     code = "FAILED_PRECONDITION"
+
+
+POISON_METADATA = "crossfield-poison"  # trailing metadata key: clients must not retry
+
+
+class PoisonError(InvalidArgumentError):
+    """A structure that crashed or stalled an isolated graph worker: refused alone, and
+    marked with trailing metadata ``crossfield-poison: <reason>`` so that clients stop
+    retrying it (on this server or any other)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"structure: refused, {reason}; do not retry it")
+        self.reason = reason
+        self.metadata = ((POISON_METADATA, reason),)

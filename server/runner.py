@@ -4,7 +4,9 @@ One runner per device, with one thread: batches on a device run one after anothe
 concurrent batches would only fight over the same cores or GPU), while the batchers of all
 models on that device prepare their next graph in parallel. A batch that fails is split in
 halves and retried, down to single structures, so only the culprit gets an error; on a GPU
-this also turns an out-of-memory batch into smaller ones that fit.
+this also turns an out-of-memory batch into smaller ones that fit. Graph building, the
+untrusted part, belongs to the runner's ``GraphBuilder`` (``graphs.py``) and its worker
+processes; batchers call ``prepare`` to build a job's graph in their own thread.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crossfield.model import CrossfieldMACE, GraphBatch, build_batch
+from crossfield.model import CrossfieldMACE, GraphBatch
+from crossfield.model.graph import StructureGraph, collate
 
 from .errors import ComputeError, InvalidArgumentError, RequestCancelledError
+from .graph_cost import GraphLimits
+from .graphs import GraphBuilder
 from .metrics import Metrics
 from .work import StructureResult, WorkItem
 
@@ -30,28 +35,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Job:
-    """A batch ready to run: items of one model, and their graph when already built."""
+    """A batch ready to run: items of one model, and their graphs when already built."""
 
     model: CrossfieldMACE
     label: str  # model name for metrics
     items: list[WorkItem]
     graph: GraphBatch | None = None
+    graphs: list[StructureGraph] | None = None  # per item: a failed batch splits them
     version: str = ""  # model version for metrics
 
 
-def build_graph(
-    model: CrossfieldMACE, items: Sequence[WorkItem], device: torch.device
+def collate_items(
+    model: CrossfieldMACE,
+    items: Sequence[WorkItem],
+    graphs: Sequence[StructureGraph],
+    device: torch.device,
 ) -> GraphBatch:
-    """Neighbour lists and the ragged batch for ``items``, in the model's dtype."""
+    """The ragged batch of ``items`` and their graphs, in the model's dtype."""
     config = model.config
-    return build_batch(
-        [item.request.structure for item in items],
-        config.elements,
-        config.r_max,
-        config.head_names,
-        dtype=model.dtype,
-        device=device,
-    )
+    structures = [item.request.structure for item in items]
+    return collate(structures, graphs, config.elements, config.head_names, model.dtype, device)
 
 
 class Runner:
@@ -64,8 +67,11 @@ class Runner:
     overlaps the running batch.
     """
 
-    def __init__(self, device: torch.device | str, metrics: Metrics) -> None:
+    def __init__(
+        self, device: torch.device | str, metrics: Metrics, graphs: GraphLimits | None = None
+    ) -> None:
         self.device = torch.device(device)
+        self.graphs = GraphBuilder(graphs or GraphLimits())
         self._metrics = metrics
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()
@@ -90,7 +96,20 @@ class Runner:
         with self._lock:
             self._listeners.remove(listener)
 
+    def prepare(self, job: Job) -> None:
+        """Build the job's graphs now, in the caller's thread (overlapping the running
+        batch). Items whose graph fails are answered and dropped from the job; if the batch
+        cannot be assembled, ``_run`` tries again and isolates the culprit."""
+        job.items, job.graphs = self.graphs.build(job.model, job.items)
+        if job.items:
+            try:
+                job.graph = collate_items(job.model, job.items, job.graphs, self.device)
+            except Exception as err:
+                log.warning("batch of %d structures failed to assemble: %s", len(job.items), err)
+
     def submit(self, job: Job) -> None:
+        if not job.items:
+            return  # every structure failed in ``prepare`` and has its answer
         with self._lock:
             self._pending += 1
         self._jobs.put(job)
@@ -99,6 +118,7 @@ class Runner:
         """Finish the jobs already submitted, then stop the thread."""
         self._jobs.put(None)
         self._thread.join()
+        self.graphs.close()
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -106,7 +126,7 @@ class Runner:
                 _cancel(job.items)  # every caller went away while the batch waited
             else:
                 start = time.monotonic()
-                self._run(job.model, job.items, job.graph)
+                self._run(job.model, job.items, job.graph, job.graphs)
                 self._record(job, time.monotonic() - start)
             with self._lock:
                 self._pending -= 1
@@ -114,11 +134,21 @@ class Runner:
             for listener in listeners:
                 listener()
 
-    def _run(self, model: CrossfieldMACE, items: list[WorkItem], graph: GraphBatch | None) -> None:
+    def _run(
+        self,
+        model: CrossfieldMACE,
+        items: list[WorkItem],
+        graph: GraphBatch | None = None,
+        graphs: list[StructureGraph] | None = None,
+    ) -> None:
         start = time.monotonic()
+        if graphs is None:
+            items, graphs = self.graphs.build(model, items)
+            if not items:
+                return
         try:
             if graph is None:
-                graph = build_graph(model, items, self.device)
+                graph = collate_items(model, items, graphs, self.device)
             results = compute(model, graph, items)
         except Exception as err:  # any failure: isolate the structure(s) responsible
             if self.device.type == "cuda":
@@ -130,8 +160,8 @@ class Runner:
                 )
                 return
             half = len(items) // 2
-            self._run(model, items[:half], None)
-            self._run(model, items[half:], None)
+            self._run(model, items[:half], None, graphs[:half])
+            self._run(model, items[half:], None, graphs[half:])
             return
         elapsed = time.monotonic() - start
         for item, result in zip(items, results):

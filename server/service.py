@@ -103,8 +103,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServeError) -> None:
-    """End the call with ``error``'s status."""
-    await context.abort(status_code(error), clip(error.message))
+    """End the call with ``error``'s status; its trailing metadata (a poison mark, which
+    tells clients not to retry) goes with it."""
+    await context.abort(status_code(error), clip(error.message), error.metadata)
 
 
 def _refusal(error: Exception) -> ServeError:

@@ -3,8 +3,15 @@
 Everything that could make a batch fail is rejected here, before batching, so a bad
 structure is answered alone and never reaches its batch-mates: unknown model, version or
 head (NOT_FOUND); elements outside the model's table, misshaped or non-finite arrays, a
-singular periodic cell, an empty or too-large structure, a cell so small that the
-neighbour list would explode (INVALID_ARGUMENT).
+singular periodic cell, an empty or too-large structure (INVALID_ARGUMENT).
+
+Graph building is untrusted work, so its inputs are bounded here too: coordinates (beyond
+``GraphLimits.max_coordinate`` float64 has lost the atoms' places; byte-swapped arrays land
+there), periodic cells (length, layers per cutoff), and the cost of the graph
+(``graph_cost.py``: neighbours per atom, edges, memory). The structure leaves in its
+canonical frame (``neighbours.canonical_frame``, float64): wrapped, gaps closed, centred,
+with a neighbour grid vesin is known to handle, so that what runs later cannot crash and
+a structure far from the origin gets the answer it gets at the origin.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import math
 import numpy as np
 
 from crossfield.model import Structure
+from crossfield.model.neighbours import Frame, NeighbourListError, canonical_frame, plan_grid
 from crossfield.v1 import inference_pb2
 from crossfield.v1.arrays import from_array
 
 from .coverage import check_coverage, symbols
 from .errors import InvalidArgumentError, NotFoundError
+from .graph_cost import GraphLimits, PairCount, check_edges, count_pairs, quick_bound
 from .models import ServedModel
 from .work import CheckedRequest
 
@@ -30,17 +39,12 @@ PROPERTY_NAMES = {
 }
 DEFAULT_PROPERTIES = frozenset({"energy", "forces"})
 
-# No physical structure has more neighbours than this within a cutoff of a few Angstrom
-# (diamond, among the densest solids, has ~90 within 5 A). Beyond it the cell is almost
-# surely in the wrong unit, and the neighbour list would exhaust memory.
-MAX_NEIGHBOURS_PER_ATOM = 1000.0
 # Upper density for estimating the edges of molecules (atoms/A^3; ice is ~0.1): only used
 # to plan batches, never to reject.
 CONDENSED_DENSITY = 0.15
-# Periodic cells beyond these bounds crash or stall the neighbour list (vesin dies of
-# SIGFPE on a 1e6 A lattice vector, or on a 2e3 x 2e3 x 2 A slab, and loops for minutes
-# over images of a 1e-3 A thin cell), taking the whole server down. No atomistic cell of
-# at most a few thousand atoms needs longer vectors or more images per cutoff.
+# Periodic cells beyond these bounds are not atomistic cells of at most a few thousand
+# atoms (they once crashed or stalled the neighbour list; ``neighbours.py`` now refuses
+# what would, but these say more clearly what is wrong).
 MAX_CELL_LENGTH = 1000.0  # A, every lattice vector of a periodic structure
 MAX_IMAGES_PER_CUTOFF = 100  # periodic images along one direction within the cutoff
 
@@ -59,35 +63,79 @@ def check_request(
 ) -> CheckedRequest:
     """Validate the structure and properties of ``request`` for model ``served``."""
     config = served.model.config
+    limits = served.batcher.limits.graphs
     properties = _properties(request)
     if not request.HasField("structure"):
         raise InvalidArgumentError("structure: missing")
     message = request.structure
     numbers = _numbers(message, served)
     extrapolated = check_coverage(config, served.name, head, numbers, request.allow_extrapolation)
-    positions = _positions(message, len(numbers))
+    positions = _positions(message, len(numbers), limits.max_coordinate)
     pbc = _pbc(message)
     cell = _cell(message, pbc)
     if "stress" in properties and not any(pbc):
         raise InvalidArgumentError(
             "properties: stress needs a periodic structure (set structure.pbc and structure.cell)"
         )
-    neighbours = estimate_neighbours(len(numbers), cell, pbc, config.r_max)
-    if neighbours > MAX_NEIGHBOURS_PER_ATOM:
-        raise InvalidArgumentError(
-            f"structure.cell: ~{neighbours:.0f} neighbours per atom within the cutoff of "
-            f"{config.r_max} A (limit {MAX_NEIGHBOURS_PER_ATOM:.0f}); is the cell in Angstrom?"
-        )
     if cell is not None and any(pbc):
         _check_cell_layers(cell, pbc, config.r_max)
-    structure = Structure(numbers=numbers, positions=positions, cell=cell, pbc=pbc, head=head)
+    frame = _frame(positions, cell, pbc, config.r_max)
+    cost = _cost(frame, cell, config.r_max, limits, served)
+    structure = Structure(numbers=numbers, positions=frame.positions, cell=cell, pbc=pbc, head=head)
     return CheckedRequest(
         structure=structure,
         properties=properties,
         num_atoms=len(numbers),
-        estimated_edges=max(1, int(neighbours * len(numbers))),
+        estimated_edges=max(1, cost.estimate),
+        frame=frame,
+        pairs_bound=cost.bound,
         extrapolated_elements=extrapolated,
     )
+
+
+def _frame(positions: np.ndarray, cell, pbc, r_max: float) -> Frame:
+    """The canonical frame, refused here if vesin could not take its grid."""
+    try:
+        frame = canonical_frame(positions, cell, pbc, r_max)
+        plan_grid(frame.box, r_max)
+    except NeighbourListError as err:
+        raise InvalidArgumentError(f"structure.{err}") from None
+    return frame
+
+
+def _cost(
+    frame: Frame, cell: np.ndarray | None, r_max: float, limits: GraphLimits, served: ServedModel
+) -> PairCount:
+    """Bound and estimate of the structure's edges, refused beyond ``limits``.
+
+    A structure whose O(1) bound already lets it be built in-process skips the grid count
+    (every small MD step); its estimate is then the mean-field one, for batching only.
+    """
+    num_atoms = len(frame.positions)
+    quick = quick_bound(frame, num_atoms, r_max)
+    if quick <= limits.in_process_pairs:
+        mean_field = estimate_neighbours(num_atoms, cell, frame.periodic, r_max) * num_atoms
+        cost = PairCount(bound=quick, estimate=min(quick, int(mean_field)))
+    else:
+        cost = count_pairs(frame, r_max)
+    if cost.bound > limits.max_pairs:
+        raise InvalidArgumentError(
+            f"structure: up to {cost.bound} atom pairs for the neighbour list to examine "
+            f"({num_atoms} atoms), beyond the limit of {limits.max_pairs}"
+        )
+    neighbours = cost.estimate / num_atoms
+    if neighbours > limits.max_neighbours_per_atom:
+        field, hint = (
+            ("cell", "is the cell in Angstrom?")
+            if frame.periodic.any()
+            else ("positions", "denser than any matter; are the positions in Angstrom?")
+        )
+        raise InvalidArgumentError(
+            f"structure.{field}: ~{neighbours:.0f} neighbours per atom within the cutoff of "
+            f"{r_max} A (limit {limits.max_neighbours_per_atom:.0f}); {hint}"
+        )
+    check_edges(cost.estimate, num_atoms, served.model, limits, exact=False)
+    return cost
 
 
 def _properties(request: inference_pb2.ComputeRequest) -> frozenset[str]:
@@ -141,7 +189,9 @@ def _numbers(message: inference_pb2.Structure, served: ServedModel) -> np.ndarra
     return numbers
 
 
-def _positions(message: inference_pb2.Structure, num_atoms: int) -> np.ndarray:
+def _positions(
+    message: inference_pb2.Structure, num_atoms: int, max_coordinate: float
+) -> np.ndarray:
     if not message.HasField("positions"):
         raise InvalidArgumentError("structure.positions: missing")
     positions = _decode(message, "positions")
@@ -156,6 +206,12 @@ def _positions(message: inference_pb2.Structure, num_atoms: int) -> np.ndarray:
         )
     if not np.isfinite(positions).all():
         raise InvalidArgumentError("structure.positions: contains NaN or infinite values")
+    largest = float(np.abs(positions).max())
+    if largest > max_coordinate:
+        raise InvalidArgumentError(
+            f"structure.positions: a coordinate of {largest:.3g} A is beyond the limit of "
+            f"{max_coordinate:.3g} A; is the array little-endian, as the wire requires?"
+        )
     return positions.astype(np.float64)
 
 

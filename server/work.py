@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crossfield.model import Structure
+from crossfield.model.neighbours import Frame
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class CheckedRequest:
     properties: frozenset[str]  # subset of energy, forces, stress, atom_energies
     num_atoms: int
     estimated_edges: int
+    frame: Frame  # the structure's canonical frame: what its neighbour list is built on
+    pairs_bound: int  # hard upper bound on its neighbour pairs (graph_cost.py)
     # elements outside the head's training data, answered because the request allowed it
     extrapolated_elements: tuple[int, ...] = ()
 

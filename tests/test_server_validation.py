@@ -56,12 +56,12 @@ BAD_REQUESTS = {
     "element outside table": (
         edit(water(), set_array("numbers", [8, 1, 92], "int32")),
         INVALID,
-        "structure.numbers: element 92",
+        "structure.numbers: element U (92)",
     ),
     "atomic number 0": (
         edit(water(), set_array("numbers", [8, 1, 0], "int32")),
         INVALID,
-        "element 0",
+        "element unknown (0)",
     ),
     "float atomic numbers": (
         edit(water(), set_array("numbers", [8.0, 1.0, 1.0])),
