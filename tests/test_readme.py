@@ -15,6 +15,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,29 @@ def prepare(folder: Path, ipi_name: str) -> None:
     (folder / "in.lammps").write_text(LAMMPS_SCRIPT)
 
 
+def run_shell(
+    code: str, folder: Path, env: dict, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``bash -e -c code`` in its own process group, all of which is killed on a timeout
+    (a block may start background processes, such as i-PI)."""
+    shell = subprocess.Popen(
+        ["bash", "-e", "-c", code],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = shell.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(shell.pid, signal.SIGKILL)
+        out, err = shell.communicate()
+        pytest.fail(f"timed out after {timeout} s:\n{code}\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(shell.args, shell.returncode, out, err)
+
+
 @pytest.fixture(scope="module")
 def address():
     with running_server(default_model(), name="default") as address:
@@ -131,14 +155,7 @@ def test_every_block_runs_or_says_why_not(address, tmp_path, monkeypatch) -> Non
             ran.append((code.splitlines()[0], printed.getvalue()))
         elif language == "bash":
             code = code.replace("--unix water", f"--unix {ipi_name}")
-            done = subprocess.run(
-                ["bash", "-e", "-c", code + "\nwait"],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            done = run_shell(code + "\nwait", tmp_path, env)
             assert done.returncode == 0, f"{code}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             ran.append((code.splitlines()[0], done.stdout))
         else:
