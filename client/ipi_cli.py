@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the structure i-PI simulates (any file ASE reads; elements and periodicity)",
     )
     parser.add_argument(
+        "--pbc",
+        action="store_true",
+        help="periodic in all directions with i-PI's cell, whatever the file says (i-PI's own "
+        "xyz comment line carries a cell that ASE does not read as periodic)",
+    )
+    parser.add_argument(
         "--clients",
         type=int,
         default=1,
@@ -89,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         host, port = args.inet.rsplit(":", 1)
         address = Address(host=host, port=int(port))
     template = ase.io.read(args.structure)
+    if args.pbc:
+        template.pbc = True
     try:
         with server_client(args) as client:
             evaluations = run_clients(

@@ -32,6 +32,9 @@ USE_THE_CLIENT = textwrap.dedent(
     from ase.build import bulk
 
     import crossfield.client
+    # the engine adapters and the offline path import their heavy parts only when used
+    import crossfield.client.ipi, crossfield.client.ipi_cli, crossfield.client.lammps
+    import crossfield.client.lammps_cli, crossfield.client.offline
     from crossfield.client import RemoteCalculator
     from crossfield.cli import main
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
-from ase.build import molecule
+from ase.build import bulk, molecule
 from client_support import free_port, running_server
 
 from crossfield.cli import main
@@ -32,7 +32,7 @@ INPUT = """<simulation verbosity='low'>
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>{seed}</seed></prng>
-  <ffsocket name='crossfield' mode='{mode}' pbc='false'>
+  <ffsocket name='crossfield' mode='{mode}' pbc='{pbc}'>
     {socket}
   </ffsocket>
   <system>
@@ -57,8 +57,8 @@ INPUT = """<simulation verbosity='low'>
 def model():
     """Small E0s, so i-PI's printed potentials (9 digits) resolve 1e-8 eV."""
     config = ModelConfig(
-        elements=[1, 6, 8],
-        heads=[HeadConfig("pbe", e0s=[-0.5, -1.0, -1.5], scale=0.8)],
+        elements=[1, 6, 8, 29],
+        heads=[HeadConfig("pbe", e0s=[-0.5, -1.0, -1.5, -0.2], scale=0.8)],
         r_max=4.0,
         hidden_irreps="8x0e+8x1o",
         max_ell=2,
@@ -76,9 +76,16 @@ def address(model):
 
 
 def write_start(folder: Path, name: str) -> Path:
-    """i-PI's xyz (a box in the comment line, which i-PI needs even for a molecule)."""
-    atoms = molecule(name)
-    lines = [str(len(atoms)), "# CELL(abcABC): 20.0 20.0 20.0 90.0 90.0 90.0 positions{angstrom}"]
+    """i-PI's xyz: its cell in the comment line (a 20 A box for a molecule, which i-PI
+    needs even then; the crystal's own cell), which ASE reads as not periodic."""
+    if name == "Cu":
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        atoms.rattle(0.05, seed=3)
+        a, b, c = atoms.cell.lengths()
+    else:
+        atoms, (a, b, c) = molecule(name), (20.0, 20.0, 20.0)
+    cell = f"# CELL(abcABC): {a:.6f} {b:.6f} {c:.6f} 90.0 90.0 90.0 positions{{angstrom}}"
+    lines = [str(len(atoms)), cell]
     lines += [
         f"{s} {x:.8f} {y:.8f} {z:.8f}" for s, (x, y, z) in zip(atoms.symbols, atoms.positions)
     ]
@@ -95,6 +102,15 @@ CASES = {
         thermostat="<thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat>",
         clients=4,
         batch=1,
+    ),
+    "copper-crystal-unix-2-beads": dict(
+        molecule="Cu",
+        beads=2,
+        mode="unix",
+        thermostat="<thermostat mode='langevin'><tau units='femtosecond'>50</tau></thermostat>",
+        clients=2,
+        batch=1,
+        periodic=True,
     ),
     "methane-tcp-batched-3-beads": dict(
         molecule="CH4",
@@ -126,6 +142,7 @@ def test_path_integral_md_through_the_server(model, address, tmp_path, case, cap
             steps=STEPS,
             seed=1234,
             mode=spec["mode"],
+            pbc="true" if spec.get("periodic") else "false",
             socket=socket,
             beads=spec["beads"],
             thermostat=spec["thermostat"],
@@ -142,6 +159,7 @@ def test_path_integral_md_through_the_server(model, address, tmp_path, case, cap
             status = main(
                 ["ipi", *where, "--structure", str(start), "--clients", str(spec["clients"])]
                 + ["--server", address, "--connect-timeout", "60"]
+                + (["--pbc"] if spec.get("periodic") else [])
             )
             assert ipi.wait(timeout=60) == 0, (tmp_path / "ipi.log").read_text()[-3000:]
         finally:
@@ -157,7 +175,8 @@ def test_path_integral_md_through_the_server(model, address, tmp_path, case, cap
     for bead in range(spec["beads"]):
         frames = ase.io.read(tmp_path / f"sim.pos_{bead}.extxyz", index=":")
         assert len(frames) == steps
-        structures = [Structure(f.numbers, f.positions, None, (False,) * 3) for f in frames]
+        periodic = (bool(spec.get("periodic")),) * 3
+        structures = [Structure(f.numbers, f.positions, f.cell.array, periodic) for f in frames]
         energies = [float(r["energy"]) for r in evaluate(model, structures, compute_stress=False)]
         np.testing.assert_allclose(printed[:, 1 + bead], energies, rtol=0, atol=2e-6)
     moved = ase.io.read(tmp_path / "sim.pos_0.extxyz", index=-1).positions
