@@ -44,7 +44,7 @@ USER 10001:10001
 
 # The model repository (<repo>/<model>/<version>/{model.pt, meta.json}); mount it read-only.
 VOLUME ["/models"]
-# Compiled artefacts of --backend compile/script/tensorrt ($XDG_CACHE_HOME/crossfield): mount
+# Compiled artefacts of --backend compile/script ($XDG_CACHE_HOME/crossfield): mount
 # a persistent volume here (writable by uid 10001) so that a restarted container does not
 # compile its models again.
 ENV XDG_CACHE_HOME=/cache

@@ -204,7 +204,6 @@ COLOURS = {
     "compile": "tab:green",
     "script": "tab:red",
     "compile:buckets": "tab:purple",
-    "tensorrt": "tab:brown",
 }
 
 

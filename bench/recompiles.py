@@ -68,7 +68,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--backend", default="compile", choices=("compile", "script", "tensorrt"))
+    parser.add_argument("--backend", default="compile", choices=("compile", "script"))
     parser.add_argument("--product", default="agnostic", choices=("agnostic", "element"))
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--dtype", default="float64", choices=("float32", "float64"))

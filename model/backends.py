@@ -12,7 +12,6 @@ ever waits for a compiler and a backend that computes wrong numbers never serves
   are one compiled graph without an autograd-engine pass at run time.
 - ``script``: TorchScript. ``strained_energy`` is traced with the positions and a strain
   as inputs; forces and stress are its gradients, taken by autograd outside the trace.
-- ``tensorrt``: torch-tensorrt through torch.compile, CUDA only (the ``[tensorrt]`` extra).
 
 Batch sizes. Atom, edge and structure counts are dynamic dimensions of one graph per
 property set. Every batch gets a two-atom dummy structure (:func:`pad_batch`) first, so no
@@ -46,7 +45,7 @@ from .config import ModelConfig
 from .graph import GraphBatch, Structure, build_batch
 from .mace import CrossfieldMACE, derivatives
 
-BACKENDS = ("eager", "compile", "script", "tensorrt")
+BACKENDS = ("eager", "compile", "script")
 SHAPES = ("dynamic", "buckets")
 
 # (compute_forces, compute_stress) combinations a runner asks for. Compiled backends build
@@ -257,12 +256,8 @@ class CompiledModel(torch.nn.Module):
         self.sealed = False  # after warm_up: only warmed graphs run compiled
         if backend == "eager":
             self._step = self._eager
-        elif backend in ("compile", "tensorrt"):
-            self._counter = (
-                _CountingBackend("inductor")
-                if backend == "compile"
-                else _CountingBackend("torch_tensorrt", options={"min_block_size": 1})
-            )
+        elif backend == "compile":
+            self._counter = _CountingBackend("inductor")
             # dynamic=None: only the dimensions mark_dynamic names are symbolic (dynamic=True
             # would make every one so, and Inductor's index simplification then takes hours).
             dynamic = None if shapes == "dynamic" else False
@@ -438,10 +433,6 @@ def compile_model(
         raise ValueError(f"shapes: unknown mode {shapes!r}; choose one of {SHAPES}")
     device = torch.device(device) if device is not None else model.e0s.device
     dtype = dtype or model.dtype
-    if backend == "tensorrt":
-        require_tensorrt(device)
-        if dtype == torch.float64:
-            raise ValueError("dtype: TensorRT has no float64 kernels; use float32")
     if backend == "script" and model.config.product == "element":
         raise ValueError(
             "backend: 'script' cannot trace per-element product weights (config.product = "
@@ -452,10 +443,10 @@ def compile_model(
     inference.requires_grad_(False)
     inference.metadata = dict(getattr(model, "metadata", {}))
     cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None and backend in ("compile", "tensorrt"):
+    if cache is not None and backend == "compile":
         # Inductor reads this on every cache access; content-addressed, so shared by models.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
-    if backend in ("compile", "tensorrt"):
+    if backend == "compile":
         scalar_buffers_as_vectors(inference)
         # One entry per model and property set on the shared inference_step code object.
         config = torch._dynamo.config
@@ -477,29 +468,9 @@ def scalar_buffers_as_vectors(model: torch.nn.Module) -> None:
                 setattr(module, name, buffer.reshape(1))
 
 
-def require_tensorrt(device: torch.device) -> None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            f"backend 'tensorrt' needs a CUDA device; got device {str(device)!r} "
-            f"(torch.cuda.is_available() = {torch.cuda.is_available()})"
-        )
-    try:
-        import torch_tensorrt  # noqa: F401
-    except ImportError as err:
-        raise BackendUnavailableError(
-            "backend 'tensorrt' needs torch-tensorrt: pip install 'crossfield[tensorrt]'"
-        ) from err
-
-
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` on this machine."""
-    found = ["eager", "compile", "script"]
-    try:
-        require_tensorrt(torch.device(device))
-        found.append("tensorrt")
-    except BackendUnavailableError:
-        pass
-    return found
+    return ["eager", "compile", "script"]
 
 
 # -- example batches for warm-up -----------------------------------------------------------

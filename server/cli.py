@@ -118,11 +118,11 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument(
         "--backend",
-        choices=("eager", "compile", "script", "tensorrt"),
+        choices=("eager", "compile", "script"),
         default="eager",
-        help="how models run: eager PyTorch, torch.compile, TorchScript, or TensorRT (CUDA, "
-        "the [tensorrt] extra); compiled at load time and checked against eager before "
-        "serving. A repository model's config.json can choose its own (default: eager)",
+        help="how models run: eager PyTorch, torch.compile or TorchScript; compiled at load "
+        "time and checked against eager before serving. A repository model's config.json "
+        "can choose its own (default: eager)",
     )
     parser.add_argument(
         "--compile-cache",

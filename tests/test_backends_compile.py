@@ -171,16 +171,3 @@ def test_compile_float32(tmp_path):
             assert_matches(got, want, 1e-6, names=["energy"])
     assert compiled.compilations == graphs
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA device")
-def test_tensorrt_matches_eager_on_gpu():
-    pytest.importorskip("torch_tensorrt", reason="the [tensorrt] extra is not installed")
-    model = tiny_model(dtype=torch.float32).cuda()
-    compiled = compile_model(model, "tensorrt", torch.float32, "cuda")
-    compiled.warm_up(property_sets=[(True, True)])
-    for batch in mixed_batches(model, [1, 4, 9]):
-        batch = batch.to("cuda")
-        got = compiled(batch, compute_forces=True, compute_stress=True)
-        want = model(batch, compute_forces=True, compute_stress=True)
-        assert_matches(got, want, 1e-4, names=["forces", "stress"])
