@@ -24,6 +24,7 @@ from crossfield.model.backends import BACKENDS, compile_model
 from .batcher import Batcher, BatchLimits
 from .errors import NotFoundError, UnavailableError
 from .metrics import Metrics
+from .provenance import public_metadata
 from .runner import Runner
 
 
@@ -105,7 +106,7 @@ def serve_model(
         model=model,
         batcher=Batcher(model, name, runner, limits, metrics, version),
         max_atoms_per_structure=max_atoms_per_structure,
-        metadata=dict(metadata or {}),
+        metadata=public_metadata(dict(metadata or {})),  # clients see it: no paths
         backend=backend.name,
     )
     metrics.model_loaded.labels(name, version, served.dtype, served.device).set(1)

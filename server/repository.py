@@ -16,17 +16,20 @@ does it enter the registry, in one atomic step. A version to drop leaves the reg
 and is released after its batcher drains, so batches in flight finish on the version that
 started them. A changed checkpoint of a loaded version is reloaded the same way.
 
-A version that cannot be served (missing or truncated file, foreign or newer format,
-weights that do not fit their architecture, a digest mismatch, a failing warm-up) is
-refused: logged, counted in ``crossfield_model_load_failures_total``, remembered by its
-file fingerprint so that it is not retried until it changes, and left out when the policy
-picks versions. The policy then falls back to the next good version, so a broken version
-never replaces a good one.
+A version that cannot be served (missing, unreadable or truncated file, foreign or newer
+format, a config larger than its weights, weights that do not fit their architecture, a
+digest mismatch, a failing warm-up) is refused: logged, counted in
+``crossfield_model_load_failures_total``, remembered by its fingerprint (files' size,
+times, mode and owner, see ``repository_files.fingerprint``) so that it is not retried
+until it changes (a ``chmod`` counts), and left out when the policy picks versions. The
+policy then falls back to the next good version, so a broken version never replaces a
+good one. An entry that cannot even be listed is reported and skipped; it keeps serving
+what it served and never stops the scan of the others. Reports name entries relative to
+the repository, never by absolute path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -38,19 +41,22 @@ from typing import Any
 
 from crossfield.model import CrossfieldMACE
 from crossfield.model.backends import BACKENDS
-from crossfield.model.loading import load_model_file
-from crossfield.model.repository import (
-    CHECKPOINT_NAME,
-    META_NAME,
-    check_model_name,
-    list_models,
-    list_versions,
-    version_path,
-)
+from crossfield.model.repository import check_model_name, version_path
 
 from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel, retire
+from .repository_files import (
+    Fingerprint,
+    fingerprint,
+    list_versions,
+    look,
+    public,
+    read_version,
+    reason,
+)
+
+__all__ = ["ModelRepository", "VersionPolicy", "fingerprint", "read_version"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ CONFIG_NAME = "config.json"
 # (model, name, version, metadata, backend or None for the server's) -> a warmed
 # ServedModel, or an exception
 Serve = Callable[[CrossfieldMACE, str, str, dict[str, Any], str | None], ServedModel]
-Fingerprint = tuple[tuple[int, int, int] | None, ...]
 
 
 @dataclass(frozen=True)
@@ -122,8 +127,11 @@ def read_settings(root: Path, name: str, default: VersionPolicy) -> ModelSetting
     """The model's ``config.json`` settings, else the defaults; ValueError when unreadable
     or invalid, naming the file and the field."""
     path = root / name / CONFIG_NAME
-    if not path.is_file():
-        return ModelSettings(default)
+    try:
+        if not path.is_file():
+            return ModelSettings(default)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -145,58 +153,6 @@ def read_settings(root: Path, name: str, default: VersionPolicy) -> ModelSetting
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{path}: backend: {backend!r} is not one of {list(BACKENDS)}")
     return ModelSettings(policy, backend)
-
-
-def fingerprint(folder: Path) -> Fingerprint:
-    """Cheap identity of a version's files (size, mtime, inode; None when missing): a
-    changed or newly completed file changes it."""
-    result = []
-    for path in (checkpoint_file(folder), folder / META_NAME):
-        try:
-            stat = path.stat()
-        except OSError:
-            result.append(None)
-        else:
-            result.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    return tuple(result)
-
-
-def checkpoint_file(folder: Path) -> Path:
-    """The version's model file: ``model.pt``, or else one mace-torch ``*.model`` file
-    dropped in by hand (converted on load, so mace-torch users need no import step)."""
-    checkpoint = folder / CHECKPOINT_NAME
-    if checkpoint.exists():
-        return checkpoint
-    mace_files = sorted(folder.glob("*.model"))
-    return mace_files[0] if len(mace_files) == 1 else checkpoint
-
-
-def read_version(root: Path, name: str, version: int) -> tuple[CrossfieldMACE, dict[str, Any]]:
-    """The model and metadata of one version; ValueError saying why it cannot be served."""
-    folder = version_path(root, name, version)
-    checkpoint = checkpoint_file(folder)
-    if not checkpoint.is_file():
-        raise ValueError(f"{checkpoint}: missing (a partial version?)")
-    meta: dict[str, Any] = {}
-    if (folder / META_NAME).is_file():
-        try:
-            meta = json.loads((folder / META_NAME).read_text())
-        except ValueError as err:
-            raise ValueError(f"{folder / META_NAME}: not readable JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{folder / META_NAME}: must hold a JSON object")
-    expected = meta.get("sha256")
-    if expected is not None:
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-        if digest != expected:
-            raise ValueError(
-                f"{checkpoint}: sha256 {digest[:12]}... differs from meta.json's "
-                f"{str(expected)[:12]}... (changed or truncated after publishing)"
-            )
-    # weights_only=True for a checkpoint, the restricted unpickler for a .model: no file runs code
-    model = load_model_file(checkpoint)
-    metadata = meta or dict(getattr(model, "metadata", {}) or {})
-    return model, metadata
 
 
 @dataclass
@@ -244,7 +200,10 @@ class ModelRepository:
         self._metrics = metrics
         self._on_change = on_change
         self._states: dict[str, ModelState] = {}
-        self._lock = threading.RLock()  # one scan or admin change at a time
+        # One load or admin change at a time; held for one version at a time, never for a
+        # whole scan, so an admin call waits for at most one load.
+        self._lock = threading.RLock()
+        self._problems: set[str] = set()  # reported by the last scan (logged once each)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -273,13 +232,32 @@ class ModelRepository:
 
     # -- operations -------------------------------------------------------------------------
     def scan(self) -> ScanReport:
-        """Bring every model in line with the repository and its policy."""
+        """Bring every model in line with the repository and its policy.
+
+        An entry that cannot be read is reported (and logged once, not every poll) and
+        left alone: a model folder nobody may list keeps serving what it served, the
+        other models are scanned as usual.
+        """
         report = ScanReport()
+        listing = look(self.root)
+        report.errors += self._note_problems(listing.problems)
         with self._lock:
             loaded = {name for name, state in self._states.items() if state.loaded}
-            for name in sorted(set(list_models(self.root)) | loaded):
-                report.merge(self._sync(name))
+        gone = loaded - set(listing.versions) - listing.unreadable if listing.complete else set()
+        for name in sorted(set(listing.versions) | gone):
+            report.merge(self._sync(name, listing.versions.get(name, [])))
         return report
+
+    def _note_problems(self, problems: list[str]) -> list[str]:
+        """Log the listing problems that are new since the last scan; returns them all."""
+        with self._lock:
+            new, resolved = set(problems) - self._problems, self._problems - set(problems)
+            self._problems = set(problems)
+        for problem in sorted(new):
+            log.error("model repository: %s; skipped, what it serves stays", problem)
+        for problem in sorted(resolved):
+            log.info("model repository: resolved: %s", problem)
+        return problems
 
     def load(self, name: str, version: str = "") -> ServedModel:
         """Admin LoadModel: serve ``version`` (empty: the newest in the repository) of
@@ -287,7 +265,7 @@ class ModelRepository:
         loaded beside the policy's versions until an admin unloads it."""
         name = _model_name(name)
         with self._lock:
-            available = list_versions(self.root, name)
+            available = self._versions_of(name)
             if not available:
                 raise NotFoundError(f"name: no model {name!r} in the repository")
             number = _version_number(version) if version else available[-1]
@@ -299,14 +277,14 @@ class ModelRepository:
             try:
                 policy = read_settings(self.root, name, self.default_policy).policy
             except ValueError as err:
-                raise FailedPreconditionError(str(err)) from None
+                raise FailedPreconditionError(public(str(err), self.root)) from None
             state = self._states.setdefault(name, ModelState())
             state.disabled = False
             state.excluded.discard(number)
             state.refused.pop(number, None)
             if version or number not in policy.select(available):
                 state.pinned.add(number)
-            report = self._sync(name)
+            report = self._sync(name, available)
             if number not in state.loaded:
                 state.pinned.discard(number)
                 reason = "; ".join(report.errors) or "not selected"
@@ -336,51 +314,70 @@ class ModelRepository:
             else:
                 state.disabled = True
                 state.pinned.clear()
-            return self._sync(name).retired
+            return self._sync(name, self._versions_of(name)).retired
+
+    def _versions_of(self, name: str) -> list[int]:
+        """A model's versions for an admin call; FAILED_PRECONDITION when unreadable."""
+        try:
+            return list_versions(self.root, name)
+        except OSError as err:
+            raise FailedPreconditionError(
+                f"name: model {name!r} cannot be listed ({reason(err)})"
+            ) from None
 
     # -- the one place versions change -------------------------------------------------------
-    def _sync(self, name: str) -> ScanReport:
-        """Load what the policy wants (newest first), then retire what it no longer wants.
+    def _sync(self, name: str, available: list[int]) -> ScanReport:
+        """Load what the policy wants among ``available`` (newest first), then retire what
+        it no longer wants.
 
+        The versions are fingerprinted once (a model with a thousand refused versions
+        costs a thousand ``stat`` calls, not a million); the one about to be loaded is
+        fingerprinted again just before, since it may have changed meanwhile. The lock is
+        taken for one version at a time, so admin calls interleave with a long scan.
         Retirement looks only at versions that are loaded: a wanted version that did not
         load (refused, changed while being read, or the server stopping) never retires the
         version that serves in its place.
         """
         report = ScanReport()
-        state = self._states.setdefault(name, ModelState())
-        available = list_versions(self.root, name)
+        prints = {v: fingerprint(version_path(self.root, name, v)) for v in available}
         try:
             settings = read_settings(self.root, name, self.default_policy)
-            policy, backend = settings.policy, settings.backend
-            state.policy_error = ""
-        except ValueError as err:
-            if str(err) != state.policy_error:
-                log.error("model %r: %s; loading nothing new for it", name, err)
-            state.policy_error = str(err)
-            report.errors.append(str(err))
-            policy, backend = None, None  # keep what is loaded; admin unloads still apply
+            policy, backend, problem = settings.policy, settings.backend, ""
+        except ValueError as err:  # keep what is loaded; admin unloads still apply
+            policy, backend, problem = None, None, public(str(err), self.root)
+            report.errors.append(problem)
+        with self._lock:
+            state = self._states.setdefault(name, ModelState())
+            if problem and problem != state.policy_error:
+                log.error("model %r: %s; loading nothing new for it", name, problem)
+            state.policy_error = problem
         attempted: set[int] = set()
         while policy is not None and not self._stop.is_set():
-            prints = {v: fingerprint(version_path(self.root, name, v)) for v in available}
-            todo = [
-                v
-                for v in sorted(self._wanted(state, policy, available, prints), reverse=True)
-                if v not in attempted  # the newest first: it serves soonest
-                and (v not in state.loaded or state.loaded[v][1] != prints[v])
-                and state.refused.get(v) != prints[v]
-            ]
-            if not todo:
-                break
-            attempted.add(todo[0])
-            self._load(state, name, todo[0], prints[todo[0]], backend, report)
-        loaded = [v for v in available if v in state.loaded]
-        keep = self._wanted(state, policy or VersionPolicy(latest=None), loaded, {})
-        for version in sorted(set(state.loaded) - keep):
-            served, _ = state.loaded.pop(version)
-            self._registry.remove(name, served.version)
-            self._on_change()
+            with self._lock:
+                todo = [
+                    v
+                    for v in sorted(self._wanted(state, policy, available, prints), reverse=True)
+                    if v not in attempted  # the newest first: it serves soonest
+                    and (v not in state.loaded or state.loaded[v][1] != prints[v])
+                    and state.refused.get(v) != prints[v]
+                ]
+                if not todo:
+                    break
+                version = todo[0]
+                attempted.add(version)
+                prints[version] = fingerprint(version_path(self.root, name, version))
+                self._load(state, name, version, prints[version], backend, report)
+        with self._lock:
+            loaded = [v for v in available if v in state.loaded]
+            keep = self._wanted(state, policy or VersionPolicy(latest=None), loaded, {})
+            leaving = [state.loaded.pop(v)[0] for v in sorted(set(state.loaded) - keep)]
+            for served in leaving:
+                self._registry.remove(name, served.version)
+            if leaving:
+                self._on_change()
+        for served in leaving:  # drains outside the lock: batches in flight finish first
             retire(served, self._metrics)
-            log.info("model %r version %d unloaded (drained)", name, version)
+            log.info("model %r version %s unloaded (drained)", name, served.version)
             report.retired.append(served)
         return report
 
@@ -413,7 +410,7 @@ class ModelRepository:
             model, metadata = read_version(self.root, name, version)
             served = self._serve(model, name, str(version), metadata, backend)
         except Exception as err:  # any failure refuses this version, never the server
-            message = f"model {name!r} version {version} refused: {err}"
+            message = public(f"model {name!r} version {version} refused: {err}", self.root)
             log.error("%s; the serving versions stay", message)
             self._metrics.model_load_failures.labels(name).inc()
             state.refused[version] = prints
