@@ -158,7 +158,13 @@ def collate(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> GraphBatch:
-    """One ragged batch from checked structures (``check_structures``) and their graphs."""
+    """One ragged batch from checked structures (``check_structures``) and their graphs;
+    graphs whose pairs are still to be found on the device (``device_graph.DeviceGraph``)
+    go through ``device_graph.collate_on_device``."""
+    if not all(isinstance(g, StructureGraph) for g in graphs):
+        from .device_graph import collate_on_device
+
+        return collate_on_device(structures, graphs, elements, head_names, dtype, device)
     lookup = np.full(119, -1, dtype=np.int64)
     lookup[np.asarray(elements, dtype=np.int64)] = np.arange(len(elements))
     offsets = np.cumsum([0] + [len(g.positions) for g in graphs])

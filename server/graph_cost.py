@@ -44,6 +44,7 @@ MEMORY_PER_SAVED_BYTE = 1.5
 PROBE_ATOMS = 64
 PROBE_NEIGHBOURS = 40.0  # per atom, a dense liquid or metal
 MAX_PLAUSIBLE_BYTES_PER_EDGE = 1 << 20  # the default model needs ~12 KiB (float32)
+DEVICE_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,14 @@ class GraphLimits:
     in_process_pairs: int = 1 << 19  # neighbour-list bound up to which it runs in-process
     timeout: float = 10.0  # seconds a worker may spend on one structure
     workers: int = 1  # graph worker processes
+    # neighbour lists on the model's device (model/device_graph.py): "auto" on CUDA only
+    device_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.device_graphs not in DEVICE_GRAPHS:
+            raise ValueError(
+                f"device_graphs: {self.device_graphs!r} is not one of {list(DEVICE_GRAPHS)}"
+            )
         for name in ("max_coordinate", "max_neighbours_per_atom", "max_memory", "timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

@@ -61,6 +61,14 @@ def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--graph-workers", type=int, default=1, help="graph worker processes (default 1)"
     )
+    group.add_argument(
+        "--device-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="find neighbour pairs on the model's device with vesin-torch, after the checks "
+        "above (auto: on a CUDA device; on: on the CPU too, for structures proven cheap; "
+        "off: always on the host)",
+    )
 
 
 def graph_limits(args: argparse.Namespace):
@@ -90,4 +98,5 @@ def _limits(limits_type, args: argparse.Namespace):
         in_process_pairs=args.graph_in_process_pairs,
         timeout=args.graph_timeout,
         workers=args.graph_workers,
+        device_graphs=args.device_graphs,
     )

@@ -9,6 +9,12 @@ a crash or a stall costs a worker, not the server, and the structure is refused 
 poison. Either way the exact edge count is then checked against the limits, so an
 estimate that was low never reaches the model, and any structure that fails here fails
 alone: its batch-mates go on.
+
+On a CUDA device (``GraphLimits.device_graphs``), a structure whose hard pair bound
+already meets the exact limits, and that vesin-torch handles exactly there
+(``device_graph.device_buildable``), gets its pairs found on the device when its batch is
+collated instead (``DeviceGraph``): every check above has run by then, only the pair
+search moves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 from collections.abc import Sequence
 
 from crossfield.model import CrossfieldMACE
+from crossfield.model.device_graph import DeviceGraph, device_buildable
 from crossfield.model.graph import StructureGraph
 from crossfield.model.neighbours import frame_pairs
 
@@ -37,7 +44,7 @@ class GraphBuilder:
 
     def build(
         self, model: CrossfieldMACE, items: Sequence[WorkItem]
-    ) -> tuple[list[WorkItem], list[StructureGraph]]:
+    ) -> tuple[list[WorkItem], list[StructureGraph | DeviceGraph]]:
         """The graphs of ``items``; an item whose graph fails gets its error (its future
         is completed here) and is left out of the returned items."""
         kept, graphs = [], []
@@ -60,8 +67,10 @@ class GraphBuilder:
             graphs.append(graph)
         return kept, graphs
 
-    def graph(self, model: CrossfieldMACE, request: CheckedRequest) -> StructureGraph:
+    def graph(self, model: CrossfieldMACE, request: CheckedRequest) -> StructureGraph | DeviceGraph:
         frame, r_max = request.frame, model.config.r_max
+        if self.on_device(model, request):
+            return DeviceGraph(frame, r_max)
         if request.pairs_bound <= self.limits.in_process_pairs:
             pairs = frame_pairs(frame, r_max)
         else:
@@ -69,6 +78,24 @@ class GraphBuilder:
         graph = StructureGraph(frame.positions, *pairs)
         check_edges(graph.num_edges, request.num_atoms, model, self.limits, exact=True)
         return graph
+
+    def on_device(self, model: CrossfieldMACE, request: CheckedRequest) -> bool:
+        """Whether the structure's pairs are found on the model's device. No exact edge
+        count is taken before the model runs there, so the hard bound must meet the limits
+        the exact count would; on the CPU ("on"), vesin's CPU code runs outside a worker
+        only for structures proven cheap, as in-process."""
+        mode, device = self.limits.device_graphs, next(model.buffers()).device
+        if mode == "off" or (mode == "auto" and device.type != "cuda"):
+            return False
+        if device.type != "cuda" and request.pairs_bound > self.limits.in_process_pairs:
+            return False
+        if not device_buildable(request.frame, model.config.r_max, request.pairs_bound):
+            return False
+        try:
+            check_edges(request.pairs_bound, request.num_atoms, model, self.limits, exact=True)
+        except InvalidArgumentError:
+            return False  # the bound cannot vouch for it: count the pairs exactly on the host
+        return True
 
     def close(self) -> None:
         self.workers.close()
