@@ -475,8 +475,9 @@ def render(summary: dict[str, Any], sets: Sequence[str]) -> str:
 
 CAVEATS = """## Caveats
 
-- Scale: models of ~10^4 parameters trained for tens of epochs on ~10^3 structures on one
-  CPU thread; the paper's models have ~10^6-10^7 parameters and 10^5-10^8 structures.
+- Scale: models of ~10^5 parameters (the shipped default architecture, smooth at the
+  cutoff) trained for tens of epochs on ~10^3 structures on one CPU thread; the paper's
+  models have ~10^6-10^7 parameters and 10^5-10^8 structures.
   Differences of a few per cent between runs are within seed-to-seed noise here (one seed).
 - The levels of theory are tight binding (GFN2-xTB, GFN1-xTB) and a classical potential
   (EMT), not DFT: they stand in for the paper's DFT levels because they install from
@@ -484,7 +485,9 @@ CAVEATS = """## Caveats
 - The pretraining set shares no element with the metals in the EMT set, so transfer to
   it can only come through the shared backbone, not through element weights.
 - Short training: no model is converged (see the learning curves under
-  `runs/study/full/<run>/learning_curve.png`). The replay head keeps training on its
+  `runs/study/full/<run>/learning_curve.png`); the shipped default model is the same
+  recipe trained 10x longer (400 + 150 epochs, `training/recipes/default/`), with
+  errors in `docs/default_model.json`. The replay head keeps training on its
   replay subset during fine-tuning, which can hide a little forgetting. Energies are fit
   loosely: the loss weighs forces 10:1 against energies per atom, and the rattled
   configurations span several hundred meV/atom.
