@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc111, molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 
@@ -91,9 +91,10 @@ def run_nve(
     """
     atoms = atoms.copy()
     atoms.calc = calculator
-    MaxwellBoltzmannDistribution(
-        atoms, temperature_K=2 * temperature_k, rng=np.random.default_rng(seed)
-    )
+    # Maxwell-Boltzmann momenta drawn here (ASE renamed its helper across versions)
+    rng = np.random.default_rng(seed)
+    sigma = np.sqrt(atoms.get_masses() * units.kB * 2 * temperature_k)[:, None]
+    atoms.set_momenta(sigma * rng.normal(size=(len(atoms), 3)))
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)

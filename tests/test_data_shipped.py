@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from ase.data import atomic_numbers, chemical_symbols
 
 from crossfield.model import load_checkpoint
-from crossfield.training.data import read_configurations
 from crossfield.training.datasets.cards import CARD_JSON, check
 from crossfield.training.datasets.pipeline import DATA_SETS
-from crossfield.training.study_report import errors
+from crossfield.training.default_model import head_test_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -42,23 +41,29 @@ def test_default_model_is_small_trained_and_labelled():
 
 
 def test_default_model_errors_re_measured_on_the_shipped_test_sets():
-    """Every head on its level's test set: as the trainer logged it and as docs/ reports it.
+    """Every head on its level's test set: as the trainer logged it and as docs/ reports it
+    (docs/default_model.json, written by ``python -m crossfield.training.default_model``).
 
     The replay head has no test split of its own in training (its data is a replay
-    subset), so only the published study numbers cover it.
+    subset), so only the installer's report covers it.
     """
     model = load_checkpoint(DEFAULT_MODEL)
-    published = json.loads((ROOT / "docs" / "study.json").read_text())["test_errors"]["replay"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for head in model.config.heads:
-            name = head.level_of_theory["data_set"]
-            measured = errors(model, read_configurations(DATA / name / "test.extxyz.gz"), head.name)
-            logged = model.metadata["metrics"][head.name]["test"]
-            for key in ("forces_rmse_mev_per_a", "energy_rmse_mev_per_atom"):
-                if logged:
-                    assert measured[key] == pytest.approx(logged[key], rel=2e-3), (head.name, key)
-                assert measured[key] == pytest.approx(published[name][key], rel=2e-3), (name, key)
-    finally:
-        torch.set_num_threads(previous)
+    published = json.loads((ROOT / "docs" / "default_model.json").read_text())["test_errors"]
+    measured = head_test_errors(model, DATA)
+    for head in model.config.heads:
+        logged = model.metadata["metrics"][head.name]["test"]
+        for key in ("forces_rmse_mev_per_a", "energy_rmse_mev_per_atom"):
+            if logged:
+                assert measured[head.name][key] == pytest.approx(logged[key], rel=2e-3), key
+            assert measured[head.name][key] == pytest.approx(published[head.name][key], rel=2e-3)
+
+
+def test_default_model_heads_know_their_coverage():
+    """Each head records the elements of its training data (the server refuses others)."""
+    model = load_checkpoint(DEFAULT_MODEL)
+    for head in model.config.heads:
+        name = head.level_of_theory["data_set"]
+        card = json.loads((DATA / name / CARD_JSON).read_text())
+        assert [chemical_symbols[z] for z in head.elements] == sorted(
+            card["total"]["elements"], key=atomic_numbers.get
+        ), head.name
