@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lammps": ("crossfield.client.lammps_cli", "run a LAMMPS script with forces from a server"),
     "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),
     "publish": ("crossfield.training.publish_cli", "publish a checkpoint into a model repository"),
+    "compile": ("crossfield.server.compile_cli", "compile a model ahead of time for a server"),
     "import-mace": ("crossfield.model.import_cli", "convert a mace-torch .model file"),
     "data": ("crossfield.training.data_cli", "make or check the reference data sets"),
 }
@@ -31,6 +32,7 @@ EXTRAS: dict[str, str] = {
     "serve": "server",
     "train": "train",
     "publish": "train",
+    "compile": "server",
     "import-mace": "model",
     "data": "data",
     "compute": "model",

@@ -12,6 +12,10 @@ ever waits for a compiler and a backend that computes wrong numbers never serves
   are one compiled graph without an autograd-engine pass at run time.
 - ``script``: TorchScript. ``strained_energy`` is traced with the positions and a strain
   as inputs; forces and stress are its gradients, taken by autograd outside the trace.
+- ``cueq``: the symmetric contractions and convolutions through cuequivariance-torch
+  (``backends_cueq.py``, the ``[cueq]`` extra), checked against the e3nn model on every head.
+- ``aot``: an AOTInductor package of energies, forces and stress (``aot.py``), compiled
+  once per version, device kind and dtype into ``cache_dir`` and loaded in seconds after.
 
 Batch sizes. Atom, edge and structure counts are dynamic dimensions of one graph per
 property set. Every batch gets a two-atom dummy structure (:func:`pad_batch`) first, so no
@@ -45,7 +49,7 @@ from .config import ModelConfig
 from .graph import GraphBatch, Structure, build_batch
 from .mace import CrossfieldMACE, derivatives
 
-BACKENDS = ("eager", "compile", "script")
+BACKENDS = ("eager", "compile", "script", "cueq", "aot")
 SHAPES = ("dynamic", "buckets")
 
 # (compute_forces, compute_stress) combinations a runner asks for. Compiled backends build
@@ -241,21 +245,30 @@ class CompiledModel(torch.nn.Module):
     the eager module: training needs the graph kept for a second backward pass.
     """
 
-    def __init__(self, model: CrossfieldMACE, backend: str, shapes: str, cache_dir: Path | None):
+    def __init__(
+        self,
+        model: CrossfieldMACE,
+        backend: str,
+        shapes: str,
+        cache_dir: Path | None,
+        reference: CrossfieldMACE | None = None,
+    ):
         super().__init__()
         self.model = model
         self.backend = backend
         self.shapes = shapes
         self.cache_dir = cache_dir
-        self._eager = inference_step(model)
+        # What warm-up checks against: the module itself, or the e3nn original of a
+        # converted one (cueq).
+        self._eager = inference_step(reference if reference is not None else model)
         self._counter: _CountingBackend | None = None
         self._traced: torch.jit.ScriptModule | None = None
-        self.loaded_from_cache = False  # script: the trace came from cache_dir
+        self.loaded_from_cache = False  # script, aot: the artefact came from cache_dir
         self._step: Step | None = None
         self._graphs: set[bool] = set()  # compiled graphs, by "with forces and stress"
         self.sealed = False  # after warm_up: only warmed graphs run compiled
-        if backend == "eager":
-            self._step = self._eager
+        if backend in ("eager", "cueq"):
+            self._step = inference_step(model)
         elif backend == "compile":
             self._counter = _CountingBackend("inductor")
             # dynamic=None: only the dimensions mark_dynamic names are symbolic (dynamic=True
@@ -287,6 +300,8 @@ class CompiledModel(torch.nn.Module):
         """Graphs compiled so far (traces for ``script``); constant after warm-up."""
         if self._counter is not None:
             return self._counter.graphs
+        if self.backend == "aot":
+            return int(self._step is not None and not self.loaded_from_cache)
         return int(self._traced is not None)
 
     def forward(
@@ -300,6 +315,8 @@ class CompiledModel(torch.nn.Module):
             return self.model(batch, compute_forces, compute_stress, training=True)
         if self.backend == "script" and self._traced is None:
             self._trace(batch)
+        if self.backend == "aot" and self._step is None:
+            self._load_aot(batch)
         gradients = compute_forces or compute_stress
         with torch.set_grad_enabled(gradients):
             if self._counter is None:
@@ -372,6 +389,15 @@ class CompiledModel(torch.nn.Module):
                     f"eager by {error:.3g} (scale {scale:.3g}, allowed {relative:g} relative)"
                 )
 
+    def _load_aot(self, batch: GraphBatch) -> None:
+        """Load the package matching the model from the cache, or compile it there."""
+        from .aot import load_or_build
+
+        n, e, b = batch.num_atoms, batch.num_edges, batch.num_structures
+        example = pad_batch(batch, n + 2, e + 2, b + 1, self.config.r_max)
+        self._step, built = load_or_build(self.model, example, self.cache_dir)
+        self.loaded_from_cache = not built
+
     def _trace(self, batch: GraphBatch) -> None:
         """Load the traced module from the cache, or trace ``batch`` and store it."""
         path = None
@@ -433,6 +459,17 @@ def compile_model(
         raise ValueError(f"shapes: unknown mode {shapes!r}; choose one of {SHAPES}")
     device = torch.device(device) if device is not None else model.e0s.device
     dtype = dtype or model.dtype
+    if backend == "aot":
+        from .aot import check_exportable
+
+        check_exportable(model)
+    if backend == "cueq":
+        from .backends_cueq import CueqUnavailableError, kernel_method
+
+        try:
+            method = kernel_method(device)
+        except CueqUnavailableError as err:
+            raise BackendUnavailableError(str(err)) from None
     if backend == "script" and model.config.product == "element":
         raise ValueError(
             "backend: 'script' cannot trace per-element product weights (config.product = "
@@ -443,6 +480,10 @@ def compile_model(
     inference.requires_grad_(False)
     inference.metadata = dict(getattr(model, "metadata", {}))
     cache = Path(cache_dir) if cache_dir is not None else None
+    if backend == "cueq":
+        from .backends_cueq import cueq_model
+
+        return CompiledModel(cueq_model(inference, method), backend, shapes, cache, inference)
     if cache is not None and backend == "compile":
         # Inductor reads this on every cache access; content-addressed, so shared by models.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
@@ -470,17 +511,24 @@ def scalar_buffers_as_vectors(model: torch.nn.Module) -> None:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` on this machine."""
-    return ["eager", "compile", "script"]
+    from .backends_cueq import CueqUnavailableError, kernel_method
+
+    try:
+        kernel_method(torch.device(device))
+    except CueqUnavailableError:
+        return ["eager", "compile", "script", "aot"]
+    return ["eager", "compile", "script", "cueq", "aot"]
 
 
 # -- example batches for warm-up -----------------------------------------------------------
 
 
 def example_structures(model: CrossfieldMACE) -> list[Structure]:
-    """A small crystal and two clusters over the model's elements and heads.
+    """A small crystal and one cluster per head over the model's elements.
 
     Any batch compiles the dynamic graph; these only need every code path: periodic and
-    open boundaries, several heads in one batch, edges across the cell boundary.
+    open boundaries, several heads in one batch, edges across the cell boundary, and every
+    head, so that a backend wrong for one head (cuEquivariance's known failure) is caught.
     """
     config = model.config
     elements = np.asarray(config.elements)
@@ -494,21 +542,23 @@ def example_structures(model: CrossfieldMACE) -> list[Structure]:
         pbc=(True, True, True),
         head=config.head_names[0],
     )
-    clusters = [
-        Structure(
-            numbers=elements[(np.arange(size) + shift) % len(elements)],
-            positions=grid[:size] * spacing * 0.6 + rng.normal(0, 0.05, (size, 3)),
-            head=config.head_names[(shift + 1) % config.num_heads],
+    clusters = []
+    for shift, head in enumerate(config.head_names):
+        size = (3, 5)[shift % 2]
+        clusters.append(
+            Structure(
+                numbers=elements[(np.arange(size) + shift) % len(elements)],
+                positions=grid[:size] * spacing * 0.6 + rng.normal(0, 0.05, (size, 3)),
+                head=head,
+            )
         )
-        for shift, size in enumerate((3, 5))
-    ]
     return [crystal, *clusters]
 
 
 def default_example_batches(model: CrossfieldMACE) -> list[GraphBatch]:
     """Two batches of different sizes: the second checks that sizes do not recompile."""
     config = model.config
-    crystal, small, large = example_structures(model)
+    crystal, first, *others = example_structures(model)
     return [
         build_batch(
             structures,
@@ -518,5 +568,5 @@ def default_example_batches(model: CrossfieldMACE) -> list[GraphBatch]:
             model.dtype,
             model.e0s.device,
         )
-        for structures in ([crystal, small], [large, crystal, small, large])
+        for structures in ([crystal, first], [*others, crystal, first, first])
     ]

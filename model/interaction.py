@@ -118,6 +118,8 @@ class InteractionBlock(torch.nn.Module):
             shared_weights=False,
             internal_weights=False,
         )
+        # Another implementation of ``convolve`` (model/backends_cueq.py), or None for e3nn.
+        self.fused_convolution: torch.nn.Module | None = None
         self.build(num_radial, radial_mlp)
 
     def build(self, num_radial: int, radial_mlp: list[int]) -> None:
@@ -130,6 +132,8 @@ class InteractionBlock(torch.nn.Module):
         tp_weights: torch.Tensor,
         edge_index: torch.Tensor,
     ) -> torch.Tensor:
+        if self.fused_convolution is not None:
+            return self.fused_convolution(node_feats_up, edge_attrs, tp_weights, edge_index)
         messages = self.conv_tp(node_feats_up[edge_index[0]], edge_attrs, tp_weights)
         return scatter_sum(messages, edge_index[1], node_feats_up.shape[0])
 

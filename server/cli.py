@@ -118,11 +118,14 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument(
         "--backend",
-        choices=("eager", "compile", "script"),
+        choices=("eager", "compile", "script", "cueq", "aot"),
         default="eager",
-        help="how models run: eager PyTorch, torch.compile or TorchScript; compiled at load "
-        "time and checked against eager before serving. A repository model's config.json "
-        "can choose its own (default: eager)",
+        help="how models run: eager PyTorch, torch.compile, TorchScript, cuEquivariance "
+        "kernels (cueq: the [cueq] extra, and cuequivariance-ops-torch on CUDA), or an "
+        "AOTInductor package (aot: loaded from --compile-cache in seconds when 'crossfield "
+        "compile' or an earlier start built it, else compiled once); checked against eager on "
+        "every head before serving. A repository model's config.json can choose its own "
+        "(default: eager)",
     )
     parser.add_argument(
         "--compile-cache",
