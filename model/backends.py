@@ -267,10 +267,17 @@ class CompiledModel(torch.nn.Module):
         self._step: Step | None = None
         self._graphs: set[bool] = set()  # compiled graphs, by "with forces and stress"
         self.sealed = False  # after warm_up: only warmed graphs run compiled
+        # On CUDA, the static shapes of size buckets are replayed as CUDA graphs, one per
+        # bucket: a small batch (one MD step of a molecule) is then one graph launch
+        # instead of hundreds of kernel launches, which would bound its latency.
+        self.cuda_graphs = (
+            backend == "compile" and shapes == "buckets" and self.device.type == "cuda"
+        )
         if backend in ("eager", "cueq"):
             self._step = inference_step(model)
         elif backend == "compile":
-            self._counter = _CountingBackend("inductor")
+            patches = {"triton.cudagraphs": True} if self.cuda_graphs else {}
+            self._counter = _CountingBackend("inductor", config_patches=patches)
             # dynamic=None: only the dimensions mark_dynamic names are symbolic (dynamic=True
             # would make every one so, and Inductor's index simplification then takes hours).
             dynamic = None if shapes == "dynamic" else False
@@ -327,8 +334,12 @@ class CompiledModel(torch.nn.Module):
             padded = self._pad(batch)
             # Forces always come with the stress: one graph instead of two halves the
             # compile time, and the strain costs nothing measurable at run time.
+            if self.cuda_graphs:  # the last replay's outputs were copied out: reuse them
+                torch.compiler.cudagraph_mark_step_begin()
             with torch._dynamo.config.patch(**COMPILE_CONFIG):  # thread-local
                 out = self._step(padded, gradients, gradients)
+            if self.cuda_graphs:  # a replay overwrites its outputs: keep ours
+                out = {name: value.clone() for name, value in out.items()}
             self._graphs.add(gradients)
         if not compute_stress:
             out = {name: value for name, value in out.items() if name not in STRESS_OUTPUTS}

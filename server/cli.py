@@ -136,6 +136,14 @@ def register(subparsers) -> None:
         "(default: $XDG_CACHE_HOME/crossfield or ~/.cache/crossfield; keep it private "
         "to the server's user)",
     )
+    parser.add_argument(
+        "--compile-shapes",
+        choices=("dynamic", "buckets"),
+        default="dynamic",
+        help="--backend compile: one graph for every batch size (dynamic), or one per size "
+        "bucket (buckets: on CUDA each bucket is replayed as a CUDA graph, for small batches "
+        "that would otherwise be bound by kernel launches)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument(
         "--threads",
@@ -363,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
         repository=args.repo,
         poll_interval=args.poll_interval,
         version_policy=args.version_policy,
-        backend=Backend(args.backend, args.compile_cache or default_cache_dir()),
+        backend=Backend(
+            args.backend, args.compile_cache or default_cache_dir(), args.compile_shapes
+        ),
     )
     if args.device:
         config.device = args.device

@@ -145,8 +145,9 @@ class Metrics:
         )
         self.device_memory = Gauge(
             "crossfield_device_memory_bytes",
-            "Accelerator memory allocated by tensors",
-            ["device"],
+            "Accelerator memory after the last batch: allocated by tensors, and reserved by "
+            "the caching allocator (what the process holds); CUDA devices only",
+            ["device", "kind"],
             registry=r,
         )
 

@@ -183,7 +183,9 @@ class Runner:
                 head = item.request.structure.head
                 m.atoms.labels(job.label, head).inc(item.request.num_atoms)
         if self.device.type == "cuda":
-            m.device_memory.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
+            device = str(self.device)
+            m.device_memory.labels(device, "allocated").set(torch.cuda.memory_allocated(device))
+            m.device_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(device))
 
 
 def _cancel(items: Sequence[WorkItem]) -> None:
