@@ -267,7 +267,13 @@ class Connection:
         try:
             self._probe(b"", timeout=PROBE_TIMEOUT_S)
         except grpc.RpcError as err:
-            return not probe_failed(err)
+            if not probe_failed(err):
+                return True
+            # Down, whatever the channel last reported: its state reaches us from a polling
+            # thread, and a call sent on a stale READY would wait for this server until its
+            # deadline. The channel's next change (reconnecting, or READY) overrides this.
+            self._track(TRANSIENT_FAILURE)
+            return False
         return True
 
     def why_unreachable(self) -> str:
