@@ -8,10 +8,11 @@ pairs are found where the model runs, by vesin-torch: the same library as the ho
 (``neighbours.frame_pairs``), so the same pairs. On the CPU it runs vesin's CPU code,
 which is how the tests check that edges are identical.
 
-Chosen by measurement (bench/device_graphs.py, CPU): vesin-torch builds 32 ethanol
-molecules as fast as the host path and nvalchemi-toolkit-ops' batched list 1.2x faster,
-but nvalchemi is 3.9x slower on a 500-atom crystal, compiles its Warp kernels for 5 s at
-first use, and needs warp-lang (150 MB), too big to travel to the GPU machines.
+Chosen by measurement (``bench/device_graphs.py``, CPU, one thread,
+docs/device_graphs.json): for 32 ethanol molecules vesin-torch takes 0.65 ms (all in one
+call), nvalchemi-toolkit-ops' batched cell list 1.27 ms and the host path 2.2 ms; for a
+500-atom crystal 2.0, 7.5 and 2.0 ms. nvalchemi also compiles its Warp kernels at first use
+(5 s cold here) and needs warp-lang (150 MB), too big to travel to the GPU machines.
 
 The whole batch in few calls:
 
