@@ -43,6 +43,8 @@ NOT_RUN = {
     "crossfield train config.yaml": "needs a config of one's own data; tests/test_training_*",
     "export CROSSFIELD_TOKEN": "serves until stopped, with certificates; tests/test_security_*",
     "proto/crossfield/v1/": "the layout, not a command",
+    "bench/gpu_wheels.sh": "downloads wheels for, and runs on, a CUDA GPU machine; "
+    "tests/test_gpu_suite.py and tests/test_gpu_*.py",
 }
 
 
