@@ -124,16 +124,18 @@ def device_pairs(
     ``positions``; shifts are int64, relative to each structure's cell."""
     device = positions.device
     calculator = _vesin(r_max)
+    # vesin's CUDA code wants every input on the device, the periodicity flags too
+    periodic = torch.ones(3, dtype=torch.bool, device=device)
     pieces = []
     molecules = [k for k, frame in enumerate(frames) if not frame.periodic.any()]
     for k, frame in enumerate(frames):
-        if k in molecules:
+        if not frame.periodic.any():
             continue
         plan_grid(frame.box, r_max)
         start, count = offsets[k], len(frame.positions)
         box = torch.as_tensor(frame.box, dtype=torch.float64, device=device)
         i, j, shifts = calculator.compute(
-            positions[start : start + count], box, True, quantities="ijS"
+            positions[start : start + count], box, periodic, quantities="ijS"
         )
         pieces.append((i.long() + start, j.long() + start, shifts.long()))
     if molecules:
@@ -149,7 +151,7 @@ def device_pairs(
         i, j, shifts = calculator.compute(
             torch.as_tensor(points, device=device),
             torch.as_tensor(box, device=device),
-            True,
+            periodic,
             quantities="ijS",
         )
         if bool(shifts.any()):  # the lattice's spacing guarantees this
