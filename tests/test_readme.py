@@ -41,6 +41,9 @@ NOT_RUN = {
     "crossfield import-mace mace-mh-1.model": "needs MACE-MH-1, which cannot be downloaded "
     "here; tests/test_mace_agreement.py converts mace-torch files",
     "crossfield train config.yaml": "needs a config of one's own data; tests/test_training_*",
+    "crossfield train training/recipes/default/": "trains the default model (hours on two "
+    "cores); tests/test_default_model.py checks the result, tests/test_training_loop.py "
+    "the trainer",
     "export CROSSFIELD_TOKEN": "serves until stopped, with certificates; tests/test_security_*",
     "proto/crossfield/v1/": "the layout, not a command",
     "bench/gpu_wheels.sh": "downloads wheels for, and runs on, a CUDA GPU machine; "
