@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -62,6 +63,8 @@ STRESS_OUTPUTS = ("virials", "stress")
 # otherwise dynamo first makes them symbolic, then restarts the whole analysis.
 # Settings a torch release does not know are left out: without trace_autograd_ops the graph
 # breaks at the gradient, and AOTAutograd's compiled backward computes the forces.
+log = logging.getLogger(__name__)
+
 COMPILE_CONFIG = {
     name: value
     for name, value in {"trace_autograd_ops": True, "specialize_float": True}.items()
@@ -267,6 +270,8 @@ class CompiledModel(torch.nn.Module):
         self._step: Step | None = None
         self._graphs: set[bool] = set()  # compiled graphs, by "with forces and stress"
         self.sealed = False  # after warm_up: only warmed graphs run compiled
+        # Calls that would have recompiled after warm-up and ran eager instead.
+        self.eager_fallbacks = 0
         # On CUDA, the static shapes of size buckets are replayed as CUDA graphs, one per
         # bucket: a small batch (one MD step of a molecule) is then one graph launch
         # instead of hundreds of kernel launches, which would bound its latency.
@@ -336,14 +341,33 @@ class CompiledModel(torch.nn.Module):
             # compile time, and the strain costs nothing measurable at run time.
             if self.cuda_graphs:  # the last replay's outputs were copied out: reuse them
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch._dynamo.config.patch(**COMPILE_CONFIG):  # thread-local
-                out = self._step(padded, gradients, gradients)
+            # Once sealed, a guard that fails (a global state or an input the warm-up did
+            # not foresee) must not put a compiler on a request's path: that call runs
+            # eager instead, and the reason is logged.
+            patches = {**COMPILE_CONFIG, "error_on_recompile": self.sealed}
+            try:
+                with torch._dynamo.config.patch(**patches):  # thread-local
+                    out = self._step(padded, gradients, gradients)
+            except torch._dynamo.exc.RecompileError as err:
+                self._note_fallback(err)
+                return self._eager(batch, compute_forces, compute_stress)
             if self.cuda_graphs:  # a replay overwrites its outputs: keep ours
                 out = {name: value.clone() for name, value in out.items()}
             self._graphs.add(gradients)
         if not compute_stress:
             out = {name: value for name, value in out.items() if name not in STRESS_OUTPUTS}
         return unpad(out, batch.num_atoms, batch.num_structures)
+
+    def _note_fallback(self, err: Exception) -> None:
+        self.eager_fallbacks += 1
+        if self.eager_fallbacks == 1 or math.log2(self.eager_fallbacks).is_integer():
+            log.warning(
+                "backend %r: %d call(s) ran eager rather than recompile after warm-up; "
+                "the latest because %s",
+                self.backend,
+                self.eager_fallbacks,
+                str(err),  # not the exception: a handler keeping records would keep its frames
+            )
 
     def _pad(self, batch: GraphBatch) -> GraphBatch:
         n, e, b = batch.num_atoms, batch.num_edges, batch.num_structures

@@ -101,6 +101,17 @@ def test_compiled_model_matches_eager_without_recompiling(cache_dir):
             got = compiled(batch, compute_forces=False)
             assert_matches(got, model(batch, compute_forces=False), 1e-10)
     assert compiled.compilations == 2
+    # A guard that fails after warm-up (here dynamo's global-state guard on the thread
+    # count) runs that call eager: a request never waits for a compiler.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        batch = mixed_batches(model, [3], seed=3)[0]
+        got = compiled(batch, compute_forces=True, compute_stress=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches(got, model(batch, compute_forces=True, compute_stress=True), 1e-10)
+    assert compiled.compilations == 2 and compiled.eager_fallbacks == 1
     # A retired version's compiled graphs must not keep its weights alive (hot-loading).
     weights = weakref.ref(compiled.model)
     del compiled
@@ -131,6 +142,8 @@ def test_server_loads_the_compiled_model_from_the_disk_cache(cache_dir):
         metrics = scrape(server)
     assert cache_hits() > hits, "the restart compiled from scratch instead of the disk cache"
     assert served.backend == "compile" and graphs == 2
+    # Not one request compiled: a guard failing after warm-up would have run eager
+    # (``eager_fallbacks``) rather than put the compiler on the request's path.
     assert served.model.compilations == graphs, "a request compiled a graph"
     for index, reference in enumerate(want):
         got = response_results(answers[str(index)])
@@ -170,4 +183,3 @@ def test_compile_float32(tmp_path):
             assert_matches(got, want, 1e-4, names=["forces", "stress"])
             assert_matches(got, want, 1e-6, names=["energy"])
     assert compiled.compilations == graphs
-
