@@ -33,13 +33,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crossfield.model import CrossfieldMACE
-from crossfield.v1 import admin_pb2, inference_pb2
+from crossfield.v1 import admin_pb2, inference_pb2, relax_pb2
 
 from .admin import AdminService
 from .batcher import BatchLimits
 from .loop import LoopThread
 from .metrics import Metrics
 from .models import Backend, ModelRegistry, ServedModel, serve_model
+from .relax_engine import RelaxEngine
+from .relax_metrics import RelaxMetrics
+from .relax_service import RelaxService
 from .repository import ModelRepository, VersionPolicy
 from .runner import Runner
 from .security import SecurityConfig, SecurityInterceptor
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+RELAXATION = relax_pb2.DESCRIPTOR.services_by_name["Relaxation"]
 INFERENCE_SERVICE = INFERENCE.full_name
 ADMIN_SERVICE = ADMIN.full_name
 
@@ -88,6 +92,7 @@ class InferenceServer:
         self.metrics = Metrics()
         self.registry = ModelRegistry()
         self.runner = Runner(self.config.device, self.metrics, self.config.limits.graphs)
+        self.relax = RelaxEngine(self.registry, RelaxMetrics(self.metrics.registry))
         self.repository: ModelRepository | None = None
         if self.config.repository is not None:
             self.repository = ModelRepository(
@@ -187,7 +192,13 @@ class InferenceServer:
         )
         self._service = InferenceService(self.registry, self.metrics, config.streams)
         add_service(server, INFERENCE, self._service)
-        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        add_service(server, RELAXATION, RelaxService(self.registry, self.relax))
+        services = [
+            INFERENCE_SERVICE,
+            RELAXATION.full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
         if self.repository is not None:
             add_service(server, ADMIN, AdminService(self.repository, self.registry))
             services.append(ADMIN_SERVICE)
@@ -241,6 +252,7 @@ class InferenceServer:
             self._io.run(self._health.enter_graceful_shutdown())
         if self.repository is not None:
             self.repository.stop()
+        self.relax.close()  # relaxations end UNAVAILABLE with their last state
         if self._io is not None:
             self._io.run(self._stop_grpc(grace))
         for served in self.registry.models():
