@@ -38,6 +38,7 @@ class RelaxResult:
     """
 
     index: int
+    input: object | None = None  # the structure as given
     atoms: object | None = None
     energy: float | None = None
     forces: np.ndarray | None = None
@@ -116,8 +117,8 @@ def relax_many(
         with lock:
             left = sorted(pending.values(), key=lambda pair: pair[0])
             pending.clear()
-        for index, _atoms in left:
-            yield RelaxResult(index=index, error=error)
+        for index, atoms in left:
+            yield RelaxResult(index=index, input=atoms, error=error)
     finally:
         call.cancel()
 
@@ -145,6 +146,7 @@ def relax_request(atoms, request_id: str, settings: dict, names: dict) -> relax_
 def relax_result(index: int, atoms, response: relax_pb2.RelaxResponse) -> RelaxResult:
     result = RelaxResult(
         index=index,
+        input=atoms,
         steps=response.steps,
         converged=response.converged,
         model=response.model,

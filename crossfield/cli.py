@@ -17,6 +17,7 @@ from importlib import metadata
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("crossfield.server.cli", "run the gRPC inference server"),
     "compute": ("crossfield.client.cli", "evaluate a file of structures on a server (screening)"),
+    "relax": ("crossfield.client.relax_cli", "relax a file of structures on a server (screening)"),
     "ipi": ("crossfield.client.ipi_cli", "answer i-PI's force clients from a server (PIMD)"),
     "lammps": ("crossfield.client.lammps_cli", "run a LAMMPS script with forces from a server"),
     "train": ("crossfield.training.cli", "train or replay-fine-tune a model from a YAML config"),

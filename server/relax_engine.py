@@ -119,7 +119,7 @@ class Relaxation:
     last: Frame | None = None
     trajectory: list[Frame] = field(default_factory=list)
     cancelled: bool = False
-    item: WorkItem | None = None  # its force evaluation in flight
+    item: WorkItem | None = None  # its force evaluation in flight (engine's thread only)
 
     def __post_init__(self) -> None:
         structure = self.checked.structure
@@ -229,18 +229,18 @@ class RelaxEngine:
             self._cond.notify_all()
 
     def cancel(self, relaxation: Relaxation) -> None:
-        """Stop ``relaxation``: answered CANCELLED with its last state at the next round
-        (at once if it still waits in the queue)."""
+        """Stop ``relaxation``: answered CANCELLED with its last state once its evaluation
+        in flight (if any) returns, at once if it still waits in the queue. The evaluation
+        is not withdrawn from its batcher: a withdrawn future is cancelled without notice
+        to ``concurrent.futures.wait``, and one more evaluation costs less than a round
+        that waits on it."""
         with self._cond:
             relaxation.cancelled = True
-            if relaxation in self._queue:
-                self._queue.remove(relaxation)
-                self._metrics.queued.set(len(self._queue))
-                self._finish(relaxation, RequestCancelledError("relaxation cancelled"))
+            if relaxation not in self._queue:
                 return
-            item = relaxation.item
-        if item is not None:
-            relaxation.served.batcher.withdraw(item)
+            self._queue.remove(relaxation)
+            self._metrics.queued.set(len(self._queue))
+        self._finish(relaxation, RequestCancelledError("relaxation cancelled"))
 
     def close(self) -> None:
         """Answer everything UNAVAILABLE with its last state (the client resumes it
@@ -298,9 +298,18 @@ class RelaxEngine:
     def _round(self) -> None:
         """One force evaluation and one optimiser step for every relaxation in flight."""
         now = time.monotonic()
-        waiting = []
+        checked = []
         for relaxation in list(self._active):
-            error = self._stopped(relaxation, now) or self._queue_step(relaxation)
+            error = self._stopped(relaxation, now) or self._check(relaxation)
+            if error is not None:
+                self._leave(relaxation, error)
+            else:
+                checked.append(relaxation)
+        # Checked first, queued together: an idle device takes what is queued the moment
+        # the first item arrives, so queueing while checking would split the round.
+        waiting = []
+        for relaxation in checked:
+            error = self._submit(relaxation)
             if error is not None:
                 self._leave(relaxation, error)
             else:
@@ -309,10 +318,10 @@ class RelaxEngine:
         for relaxation in waiting:
             item, relaxation.item = relaxation.item, None
             self._metrics.steps.labels(relaxation.served.name).inc()
-            if item.future.cancelled():
+            relaxation.checked = item.request  # its latest edge estimate, for admission
+            if relaxation.cancelled:
                 self._leave(relaxation, RequestCancelledError("relaxation cancelled"))
                 continue
-            relaxation.checked = item.request  # its latest edge estimate, for admission
             try:
                 done = relaxation.observe(item.future.result())
             except ServeError as err:
@@ -333,16 +342,23 @@ class RelaxEngine:
             )
         return None
 
-    def _queue_step(self, relaxation: Relaxation) -> ServeError | None:
-        """Check the structure where it is now and queue its evaluation; the error that
-        ends it if that fails. A version retired meanwhile hands it to its successor."""
+    def _check(self, relaxation: Relaxation) -> ServeError | None:
+        """Check the structure where it is now as a Compute request (its work item), or
+        the error that ends it."""
+        try:
+            checked = check_request(relaxation.served, relaxation.request(), relaxation.head)
+        except ServeError as err:
+            return err
+        relaxation.item = WorkItem(checked, deadline=relaxation.deadline)
+        return None
+
+    def _submit(self, relaxation: Relaxation) -> ServeError | None:
+        """Queue the relaxation's work item at its model version; a version retired
+        meanwhile hands it to its successor (checked again there)."""
         for _ in range(RESOLVE_ATTEMPTS):
             served = relaxation.served
             try:
-                checked = check_request(served, relaxation.request(), relaxation.head)
-                item = WorkItem(checked, deadline=relaxation.deadline)
-                relaxation.item = item
-                served.batcher.submit(item)
+                served.batcher.submit(relaxation.item)
                 return None
             except UnavailableError as err:
                 try:
@@ -353,9 +369,12 @@ class RelaxEngine:
                     return err
                 if successor is served:
                     return err
-                relaxation.served = successor
             except ServeError as err:
                 return err
+            relaxation.served = successor
+            error = self._check(relaxation)
+            if error is not None:
+                return error
         return UnavailableError("model versions changed too often during the relaxation")
 
     def _leave(self, relaxation: Relaxation, error: ServeError | None) -> None:

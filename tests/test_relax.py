@@ -178,3 +178,30 @@ def test_bad_settings_are_refused_by_field() -> None:
         assert result.ok and len(result.trajectory) == result.steps + 1
         np.testing.assert_array_equal(result.atoms.positions[0], atoms.positions[0])
         client.close()
+
+
+def test_relax_command_writes_in_order_reports_failures_and_resumes(tmp_path, capsys) -> None:
+    import ase.io
+
+    from crossfield.cli import main
+
+    frames = [molecule("H2O"), molecule("CH4"), molecule("CH3CH2OH")]
+    for index, atoms in enumerate(frames):
+        atoms.rattle(0.1, seed=index)
+    frames[1].numbers[0] = 26  # iron: not in the model's elements
+    source, out = tmp_path / "in.xyz", tmp_path / "out.xyz"
+    ase.io.write(source, frames)
+    with running_server({"small": small_model()}) as server:
+        common = ["--server", f"127.0.0.1:{server.port}", "--model", "small", "--no-progress"]
+        assert main(["relax", str(source), "--out", str(out), *common]) == 1
+        written = ase.io.read(out, ":")
+        assert [a.info["crossfield_status"] for a in written] == ["OK", "INVALID_ARGUMENT", "OK"]
+        assert written[0].info["crossfield_converged"] and written[2].info["crossfield_fmax"] < 0.05
+        assert "1 failed" in capsys.readouterr().out
+        # an interrupted run: the last frame cut off, then resumed
+        text = out.read_text().splitlines(keepends=True)
+        out.write_text("".join(text[: len(text) - 3]))
+        assert main(["relax", str(source), "--out", str(out), "--resume", *common]) == 0
+        resumed = ase.io.read(out, ":")
+    assert len(resumed) == 3 and resumed[2].info["crossfield_status"] == "OK"
+    np.testing.assert_allclose(resumed[2].positions, written[2].positions, atol=1e-6)
