@@ -166,10 +166,13 @@ def test_every_block_runs_or_says_why_not(address, tmp_path, monkeypatch) -> Non
         else:
             pytest.fail(f"a README block neither runs nor is listed in NOT_RUN:\n{code}")
     outputs = "\n".join(out for _, out in ran)
-    assert len(ran) == 7, [first for first, _ in ran]
+    assert len(ran) == 9, [first for first, _ in ran]
     # the MD example moves: a temperature comes out, not 0 K
     md = next(out for first, out in ran if first.startswith("from ase import units"))
     assert not md.startswith("0 K"), md
     assert "crossfield ipi: i-PI finished; 32 structures evaluated" in outputs
     assert "crossfield lammps: done; 5 evaluations" in outputs
     assert (tmp_path / "results.extxyz").exists() and (tmp_path / "offline.extxyz").exists()
+    assert "crossfield relax: 3 structures" in outputs and (tmp_path / "relaxed.extxyz").exists()
+    relaxed = next(out for first, out in ran if first.startswith("from crossfield.client.relax"))
+    assert relaxed.startswith("True"), relaxed  # converged
