@@ -1,16 +1,28 @@
-"""Decide which queued structures of one model run together.
+"""Decide which queued structures of one model run together, and when.
 
-A batch closes when its atom or edge budget is full, or when its oldest structure has
-waited ``max_delay`` and the device is idle (while it is busy, waiting longer costs
-nothing and makes the batch larger); structures with different heads share a batch (one
-backbone pass).
-The batcher knows budgets, not tensors: it builds the batch's graph (neighbour lists) in
-its own thread, so that graph building overlaps with the previous batch computing on the
-device, then hands the job to the device's runner.
+A lone client must not wait for batch-mates that are not coming, and a crowd must not be
+split into batches of one. So a batch closes:
+
+- at once when the device is idle and the batch-mates it can expect are queued: as many
+  structures as the previous batch held, while that batch's callers may still come back
+  (for ``max_delay`` after the device went idle); a lone MD client is never held back;
+- when the oldest structure has waited ``max_delay`` (the cap on waiting for batch-mates
+  that were expected and did not come) and the device is idle;
+- when its atom or edge budget is full; if the device is busy, the batch is assembled
+  now (graphs built in the batcher's thread, overlapping the running batch) and waits
+  in the runner's one place behind it.
+
+While the device is busy nothing else closes a batch: the structures would wait for the
+device anyway, so the batch grows instead. Whenever the device becomes idle, the runner's
+thread offers it to its batchers in turn (``offer``) and takes a batch that is ready; a
+batch that becomes ready while the device is idle (a structure just queued, a delay that
+ended) pokes the runner's thread to make that offer (``Runner.poke``). So a structure
+reaching an idle device wakes one thread, the runner's, and graph building then happens
+there. Structures with different heads share a batch (one backbone pass).
 
 Edges are only known after the neighbour list, so the edge budget is planned with each
-structure's estimated edge count (see ``graph_cost.py``); a structure
-larger than a whole budget runs alone.
+structure's estimated edge count (see ``graph_cost.py``); a structure larger than a whole
+budget runs alone.
 
 Submitting never blocks: the service runs on an event loop, so a full queue is an error
 to the caller, who may ask to be told when there is room (``when_room``) instead of
@@ -84,14 +96,16 @@ class Batcher:
         self._edges = 0
         self._room_callbacks: list[Callable[[], None]] = []
         self._closed = False
+        self._last_batch = 1  # structures in the last batch: the batch-mates to expect
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{label}", daemon=True)
         self._thread.start()
-        runner.add_listener(self._wake)
+        runner.attach(self)
 
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``; QueueFullError when ``max_queue`` structures already wait,
-        UnavailableError once closed."""
+        UnavailableError once closed. An idle device is asked to take the batch at once
+        when it is ready (see the module docstring)."""
         with self._cond:
             if self._closed:
                 raise UnavailableError("server is shutting down")
@@ -100,6 +114,7 @@ class Batcher:
                     f"model {self._label!r}: queue full ({self.limits.max_queue} structures "
                     "waiting); retry later"
                 )
+            first = self._head() is None
             item.enqueued = time.monotonic()
             item.queued = True
             self._queue.append(item)
@@ -107,11 +122,20 @@ class Batcher:
             self._atoms += item.request.num_atoms
             self._edges += item.request.estimated_edges
             self._depth.set(self._waiting)
-            self._cond.notify_all()
+            if self._runner.idle and self._ready(item, item.enqueued):
+                self._runner.poke()
+            elif first or self._budget_full():
+                self._cond.notify_all()  # a new deadline, or a full budget, for the thread
+
+    @property
+    def queued(self) -> int:
+        """Structures waiting (``runner.Source``)."""
+        return self._waiting
 
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the queue has room (at once if it has now, else from
-        the batcher's thread); it must be quick and thread-safe."""
+        whichever thread takes a batch, possibly holding the batcher's lock); it must be
+        quick and thread-safe and must not call the batcher."""
         with self._cond:
             if self._waiting >= self.limits.max_queue and not self._closed:
                 self._room_callbacks.append(callback)
@@ -154,38 +178,80 @@ class Batcher:
         for callback in callbacks:  # waiters learn that submitting now fails
             callback()
         self._thread.join()
-        self._runner.remove_listener(self._wake)
+        self._runner.detach(self)
 
-    def _wake(self) -> None:
+    def offer(self) -> None:
+        """The device is idle (``runner.Source``; the runner's thread): hand over the
+        batch if it is ready, else let the batcher's thread time its delay."""
         with self._cond:
-            self._cond.notify_all()
+            job = self._take_job(time.monotonic(), idle_only=True)
+            if (job is None and self._head() is not None) or self._closed:
+                self._cond.notify_all()
+        if job is not None:
+            self._runner.submit(job)
 
     def _budget_full(self) -> bool:
         return self._atoms >= self.limits.max_atoms or self._edges >= self.limits.max_edges
 
+    def _ready(self, head: WorkItem, now: float) -> bool:
+        """Whether the queue should run now if the device is idle (under the lock)."""
+        if self._closed or self._budget_full() or now - head.enqueued >= self.limits.max_delay:
+            return True
+        recent = now - self._runner.idle_since < self.limits.max_delay
+        return self._waiting >= (self._last_batch if recent else 1)
+
+    def _take_job(self, now: float, idle_only: bool) -> Job | None:
+        """The next job if the queue is ready and the runner has a place for it (under the
+        lock); the place is reserved. ``idle_only=False``: a full budget may also take the
+        place behind a running job."""
+        head = self._head()
+        if head is None:
+            return None
+        if idle_only:
+            if not self._ready(head, now) or not self._runner.reserve(self, idle_only=True):
+                return None
+        elif not self._budget_full() or not self._runner.reserve(self, idle_only=False):
+            return None
+        items = self._take()
+        callbacks = self._take_room_callbacks()
+        if callbacks:  # streams waiting for room; quick and thread-safe, so under the lock
+            for callback in callbacks:
+                callback()
+        if items and all(item.abandoned for item in items):  # withdrawn as the batch formed
+            for item in items:
+                item.future.set_exception(RequestCancelledError("request cancelled"))
+            items = []
+        if not items:
+            self._runner.release()
+            return None
+        self._last_batch = len(items)
+        return Job(model=self._model, label=self._label, items=items, version=self._version)
+
     def _loop(self) -> None:
+        """Time the oldest structure's delay while the device is idle, and hand over a
+        batch whose budget filled while it is busy (the runner offers it the rest)."""
         while True:
             with self._cond:
-                while not self._head() and not self._closed:
-                    self._cond.wait()
-                if not self._head():
-                    return
-                while not self._closed and not self._budget_full():
+                while True:
                     head = self._head()
                     if head is None:
-                        break  # everything queued was withdrawn meanwhile
-                    remaining = head.enqueued + self.limits.max_delay - time.monotonic()
-                    if remaining <= 0 and self._runner.idle:
-                        break
-                    # Past the delay but the device is busy: the structures would wait for
-                    # it anyway, so keep collecting; the runner wakes us when it is idle.
-                    self._cond.wait(remaining if remaining > 0 else None)
-                items = self._take()
-                callbacks = self._take_room_callbacks()
-            for callback in callbacks:  # streams waiting for room
-                callback()
-            if items:
-                self._dispatch(items)
+                        if self._closed:
+                            return
+                        self._cond.wait()
+                        continue
+                    now = time.monotonic()
+                    job = self._take_job(now, idle_only=False)
+                    if job is not None:
+                        break  # waits behind the running batch: build its graph now
+                    if not self._runner.idle:
+                        self._cond.wait()  # the runner offers it the device when idle
+                    elif self._ready(head, now):
+                        self._runner.poke()
+                        self._cond.wait()
+                    else:
+                        self._cond.wait(head.enqueued + self.limits.max_delay - now)
+            self._runner.prepare(job)  # neighbour lists; a structure failing fails alone
+            self._runner.submit(job)
 
     def _head(self) -> WorkItem | None:
         """The oldest item still queued (withdrawn entries in front are dropped)."""
@@ -222,12 +288,3 @@ class Batcher:
             edges += request.estimated_edges
         self._depth.set(self._waiting)
         return items
-
-    def _dispatch(self, items: list[WorkItem]) -> None:
-        if all(item.abandoned for item in items):  # withdrawn while the batch formed
-            for item in items:
-                item.future.set_exception(RequestCancelledError("request cancelled"))
-            return
-        job = Job(model=self._model, label=self._label, items=items, version=self._version)
-        self._runner.prepare(job)  # neighbour lists; a structure that fails there fails alone
-        self._runner.submit(job)

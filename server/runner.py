@@ -15,8 +15,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,14 +58,43 @@ def collate_items(
     return collate(structures, graphs, config.elements, config.head_names, model.dtype, device)
 
 
-class Runner:
-    """Runs jobs on ``device`` in submission order, one at a time.
+class Source(Protocol):
+    """A batcher, as the runner that runs its batches sees it."""
 
-    Batchers watch ``idle``: while the device is busy, a batch closed by its delay would
-    only wait, so they keep collecting and the batch grows instead (measured: 8 instead
-    of 5 structures per batch for 16 clients). A batch closed by a full budget is handed
-    over at once and waits in a one-job slot with its graph built, so graph building
-    overlaps the running batch.
+    @property
+    def queued(self) -> int:
+        """Structures waiting (read without the batcher's lock: a hint, never a promise)."""
+
+    def offer(self) -> None:
+        """The device is idle (called from the runner's thread): hand over a batch now if
+        one is ready (``Runner.reserve``, then ``Runner.submit``)."""
+
+
+class _Poke:
+    """Put on the job queue to make the runner's thread offer its idle device."""
+
+
+POKE = _Poke()
+
+
+class Runner:
+    """Runs jobs on ``device`` one at a time, and decides which batcher goes next.
+
+    A job is handed over in two steps: a batcher *reserves* a place (``reserve``), then
+    takes its structures and ``submit``s the job. There are two places: the device, and
+    one behind the running job, where a batch closed by a full budget while the device is
+    busy waits with its graph built (graph building then overlaps the running batch); a
+    batcher gets that place only while no other batcher has structures waiting, so one
+    busy model cannot keep the device from another.
+
+    Whenever the device becomes idle, the runner's own thread offers it to its batchers in
+    turn (``Source.offer``), starting after the one that took it last, and a batcher whose
+    structures are ready hands its batch over right there. A batcher whose structures
+    become ready while the device is idle (one just queued, a delay that ended) does not
+    hand them over itself: it ``poke``s the runner, whose thread then makes the offer. So
+    one thread decides who runs next (every batcher gets its turn), a structure reaching
+    an idle device wakes exactly one thread, the runner's, and the device goes from one
+    batch to the next without waking any.
     """
 
     def __init__(
@@ -73,10 +103,14 @@ class Runner:
         self.device = torch.device(device)
         self.graphs = GraphBuilder(graphs or GraphLimits())
         self._metrics = metrics
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.SimpleQueue[Job | _Poke | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._pending = 0  # jobs submitted and not yet finished
-        self._listeners: list[Callable[[], None]] = []
+        self._pending = 0  # places reserved: jobs running, waiting or being assembled
+        self._poked = False  # a POKE is on the job queue
+        self._sources: list[Source] = []
+        self._turn = 0  # which source hears of an idle device first next time (the one
+        # after the source that took it last: round robin, so none waits behind the others)
+        self.idle_since = 0.0  # time.monotonic() when the last job finished
         self._thread = threading.Thread(
             target=self._loop, name=f"runner-{self.device}", daemon=True
         )
@@ -84,17 +118,48 @@ class Runner:
 
     @property
     def idle(self) -> bool:
-        """Nothing running or waiting: a job submitted now starts at once."""
+        """Nothing running, waiting or reserved: a job handed over now starts at once."""
         return self._pending == 0
 
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` whenever the runner becomes idle (batchers wake up)."""
+    def attach(self, source: Source) -> None:
+        """Offer the idle device to ``source`` from now on."""
         with self._lock:
-            self._listeners.append(listener)
+            self._sources.append(source)
 
-    def remove_listener(self, listener: Callable[[], None]) -> None:
+    def detach(self, source: Source) -> None:
         with self._lock:
-            self._listeners.remove(listener)
+            self._sources.remove(source)
+
+    def poke(self) -> None:
+        """Ask the runner's thread to offer the device to its batchers if it is idle
+        (from any thread; nothing happens if it is busy or already asked)."""
+        with self._lock:
+            if self._poked or self._pending:
+                return
+            self._poked = True
+        self._jobs.put(POKE)
+
+    def reserve(self, source: Source | None, idle_only: bool) -> bool:
+        """Claim a place for one job of ``source``: the idle device, else (unless
+        ``idle_only``) the place behind the running job while no other source has
+        structures waiting. False when there is none. Every successful reservation ends
+        in ``submit`` or ``release``."""
+        with self._lock:
+            if self._pending == 0:
+                granted = True
+            elif idle_only or self._pending >= 2:
+                granted = False
+            else:
+                granted = not any(s.queued for s in self._sources if s is not source)
+            if granted:
+                self._pending += 1
+            return granted
+
+    def release(self) -> None:
+        """Give back a reservation that found nothing to run."""
+        with self._lock:
+            self._pending -= 1
+        self.poke()
 
     def prepare(self, job: Job) -> None:
         """Build the job's graphs now, in the caller's thread (overlapping the running
@@ -108,10 +173,10 @@ class Runner:
                 log.warning("batch of %d structures failed to assemble: %s", len(job.items), err)
 
     def submit(self, job: Job) -> None:
-        if not job.items:
-            return  # every structure failed in ``prepare`` and has its answer
-        with self._lock:
-            self._pending += 1
+        """Run ``job`` (its place was reserved) after those handed over before it."""
+        if not job.items:  # every structure failed in ``prepare`` and has its answer
+            self.release()
+            return
         self._jobs.put(job)
 
     def close(self) -> None:
@@ -122,6 +187,11 @@ class Runner:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if job is POKE:
+                with self._lock:
+                    self._poked = False
+                self._offer()
+                continue
             if all(item.abandoned for item in job.items):
                 _cancel(job.items)  # every caller went away while the batch waited
             else:
@@ -130,9 +200,23 @@ class Runner:
                 self._record(job, time.monotonic() - start)
             with self._lock:
                 self._pending -= 1
-                listeners = list(self._listeners) if self._pending == 0 else []
-            for listener in listeners:
-                listener()
+                self.idle_since = time.monotonic()
+            self._offer()
+
+    def _offer(self) -> None:
+        """If the device is idle, offer it to each source in turn until one takes it."""
+        with self._lock:
+            if self._pending or not self._sources:
+                return
+            first = self._turn % len(self._sources)
+            sources = self._sources[first:] + self._sources[:first]
+        for source in sources:
+            source.offer()
+            if not self.idle:  # taken: the next offer starts after this source
+                with self._lock:
+                    if source in self._sources:
+                        self._turn = self._sources.index(source) + 1
+                return
 
     def _run(
         self,

@@ -7,6 +7,7 @@ E0s and scales differ, so a structure answered by the wrong head would be caught
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,3 +164,35 @@ def scrape(server: InferenceServer) -> dict[tuple[str, frozenset], float]:
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
+
+
+@contextmanager
+def runner_held(server: InferenceServer) -> Iterator[None]:
+    """The server's device kept busy: its place is reserved as a batcher reserves it before
+    handing over a batch, so structures queue and batch up as they do while a batch
+    computes, instead of running the moment they arrive. On leaving, the device is idle
+    again and the queued batch runs."""
+    if not server.runner.reserve(None, idle_only=True):
+        raise RuntimeError("runner_held: the runner is busy")
+    try:
+        yield
+    finally:
+        server.runner.release()
+
+
+def queued(server: InferenceServer, model: str = "small") -> float:
+    """Structures waiting in ``model``'s queues (all versions), from the metrics."""
+    return sum(
+        value
+        for (name, labels), value in scrape(server).items()
+        if name == "crossfield_queue_depth" and ("model", model) in labels
+    )
+
+
+def wait_queued(server: InferenceServer, count: int, model: str = "small") -> None:
+    """Wait until at least ``count`` structures are queued for ``model``."""
+    deadline = time.monotonic() + 30.0
+    while queued(server, model) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {count} structures to queue")
+        time.sleep(0.02)

@@ -1,5 +1,9 @@
 """The dynamic batcher on a real server: budgets, maximum delay, mixed heads, the bounded
-queue, deadlines and cancellation."""
+queue, deadlines and cancellation, and when a batch is handed over (at once to an idle
+device, grown while it is busy).
+
+Structures that should wait together wait while the device is held busy
+(``runner_held``): an idle device takes every structure the moment it arrives."""
 
 from __future__ import annotations
 
@@ -10,7 +14,16 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk, molecule
-from server_support import HEADS, request_for, running_server, scrape, small_model, stub
+from server_support import (
+    HEADS,
+    request_for,
+    runner_held,
+    running_server,
+    scrape,
+    small_model,
+    stub,
+    wait_queued,
+)
 
 from crossfield.model import Structure, evaluate, neighbour_list
 from crossfield.server.validation import estimate_neighbours
@@ -46,7 +59,10 @@ def test_heads_mix_in_one_batch(model) -> None:
     work.append(Structure.from_atoms(bulk("Si", "diamond", a=5.43), head="wb97"))
     requests = [request_for(s, id=str(i)) for i, s in enumerate(work)]
     with running_server({"small": model}, max_delay=0.5) as server:
-        responses = {r.id: r for r in stub(server).ComputeStream(iter(requests), timeout=60)}
+        with runner_held(server):
+            call = stub(server).ComputeStream(iter(requests), timeout=60)
+            wait_queued(server, len(requests))
+        responses = {r.id: r for r in call}
         metrics = scrape(server)
     assert metrics[("crossfield_batch_structures_count", SMALL)] == 1
     assert metrics[("crossfield_batch_structures_sum", SMALL)] == len(work)
@@ -59,9 +75,10 @@ def test_heads_mix_in_one_batch(model) -> None:
 def test_full_atom_budget_dispatches_without_waiting_for_the_delay(model) -> None:
     with running_server({"small": model}, max_delay=20.0, max_atoms=12) as server:
         start = time.monotonic()
-        responses = list(
-            stub(server).ComputeStream(iter(request_for(s) for s in waters(8)), timeout=60)
-        )
+        with runner_held(server):  # a busy device: only full budgets hand batches over
+            call = stub(server).ComputeStream(iter(request_for(s) for s in waters(8)), timeout=60)
+            responses = [next(call) for _ in range(4)]
+        responses += list(call)
         elapsed = time.monotonic() - start
         metrics = scrape(server)
     assert len(responses) == 8 and all(r.status.code == 0 for r in responses)
@@ -76,7 +93,11 @@ def test_edge_budget_splits_batches(model) -> None:
     edges = len(neighbour_list(crystal.positions, crystal.cell, crystal.pbc, 4.0)[0])
     requests = [request_for(crystal, id=str(i)) for i in range(4)]
     with running_server({"small": model}, max_delay=0.5, max_edges=int(2.5 * edges)) as server:
-        responses = list(stub(server).ComputeStream(iter(requests), timeout=60))
+        with runner_held(server):  # the first two go as soon as a third fills the budget
+            call = stub(server).ComputeStream(iter(requests), timeout=60)
+            responses = [next(call), next(call)]
+            wait_queued(server, 2)
+        responses += list(call)
         metrics = scrape(server)
     assert len(responses) == 4
     assert metrics[("crossfield_batch_structures_count", SMALL)] == 2
@@ -85,10 +106,11 @@ def test_edge_budget_splits_batches(model) -> None:
 def test_full_queue_answers_resource_exhausted(model) -> None:
     with running_server({"small": model}, max_delay=3.0, max_queue=2) as server:
         inference = stub(server)
-        calls = [inference.Compute.future(request_for(s), timeout=60) for s in waters(2)]
-        time.sleep(0.5)  # both queued, waiting for the delay
-        with pytest.raises(grpc.RpcError) as raised:
-            inference.Compute(request_for(waters(1)[0]), timeout=60)
+        with runner_held(server):
+            calls = [inference.Compute.future(request_for(s), timeout=60) for s in waters(2)]
+            wait_queued(server, 2)
+            with pytest.raises(grpc.RpcError) as raised:
+                inference.Compute(request_for(waters(1)[0]), timeout=60)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full (2 structures waiting)" in raised.value.details()
         assert all(call.result().HasField("energy") for call in calls)
@@ -100,16 +122,18 @@ def test_full_queue_answers_resource_exhausted(model) -> None:
 def test_expired_and_cancelled_requests_leave_the_queue_unevaluated(model) -> None:
     with running_server({"small": model}, max_delay=1.5) as server:
         inference = stub(server)
-        with pytest.raises(grpc.RpcError) as raised:
-            inference.Compute(request_for(waters(1)[0]), timeout=0.3)
-        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        stream = inference.ComputeStream(iter(request_for(s) for s in waters(5)), timeout=60)
-        time.sleep(0.3)
-        stream.cancel()
-        call = inference.Compute.future(request_for(waters(1)[0]), timeout=60)
-        time.sleep(0.3)
-        call.cancel()
-        time.sleep(2.0)  # past the batcher's delay: anything still queued would now run
+        with runner_held(server):
+            with pytest.raises(grpc.RpcError) as raised:
+                inference.Compute(request_for(waters(1)[0]), timeout=0.3)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            stream = inference.ComputeStream(iter(request_for(s) for s in waters(5)), timeout=60)
+            time.sleep(0.3)
+            stream.cancel()
+            call = inference.Compute.future(request_for(waters(1)[0]), timeout=60)
+            time.sleep(0.3)
+            call.cancel()
+            time.sleep(2.0)  # past the batcher's delay
+        time.sleep(0.5)  # the device idle again: anything still queued would now run
         metrics = scrape(server)
     assert metrics.get(("crossfield_batch_structures_count", SMALL), 0) == 0
     statuses = {
@@ -119,6 +143,82 @@ def test_expired_and_cancelled_requests_leave_the_queue_unevaluated(model) -> No
     }
     assert sum(statuses.values()) == 7 and "OK" not in statuses
     assert set(statuses) <= {"CANCELLED", "DEADLINE_EXCEEDED"}
+
+
+def batches(server) -> tuple[float, float]:
+    """(batches run, structures in them) so far."""
+    metrics = scrape(server)
+    return (
+        metrics.get(("crossfield_batch_structures_count", SMALL), 0),
+        metrics.get(("crossfield_batch_structures_sum", SMALL), 0),
+    )
+
+
+def batches_settle(server, expected: tuple[int, int]) -> tuple[float, float]:
+    """``batches(server)`` once it reaches ``expected`` (or 5 s later): the runner counts
+    a batch just after answering it, so a caller may see its answer before the count."""
+    deadline = time.monotonic() + 5.0
+    while (counted := batches(server)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return counted
+
+
+def test_a_lone_client_never_waits_for_the_delay(model) -> None:
+    """An idle device takes a structure at once: a lone MD client, one structure per call,
+    is not held back by a delay meant for batch-mates that are not coming."""
+    with running_server({"small": model}, max_delay=5.0) as server:
+        inference = stub(server)
+        inference.Compute(request_for(waters(1)[0]), timeout=60)  # connected and warm
+        start = time.monotonic()
+        for structure in waters(5):
+            inference.Compute(request_for(structure), timeout=60)
+        elapsed = time.monotonic() - start
+        assert batches_settle(server, (6, 6)) == (6, 6)
+    assert elapsed < 2.5, f"5 calls took {elapsed:.1f} s: they waited for the 5 s delay"
+
+
+def test_a_crowd_waits_for_its_batch_mates_within_the_delay(model) -> None:
+    """After a batch of 4, the first of the next 4 to arrive at the idle device waits (at
+    most the delay) for the 3 others instead of running alone; once the device has been
+    idle longer than the delay, nobody is expected and a structure runs at once."""
+    with running_server({"small": model}, max_delay=3.0) as server:
+        inference = stub(server)
+        with runner_held(server):
+            first = [inference.Compute.future(request_for(s), timeout=60) for s in waters(4)]
+            wait_queued(server, 4)
+        assert all(call.result().HasField("energy") for call in first)
+        assert batches_settle(server, (1, 4)) == (1, 4)
+        second = []
+        for structure in waters(4):  # trickling in, well within the delay
+            second.append(inference.Compute.future(request_for(structure), timeout=60))
+            time.sleep(0.1)
+        assert all(call.result().HasField("energy") for call in second)
+        assert batches_settle(server, (2, 8)) == (2, 8)
+        time.sleep(3.5)  # the device idle for longer than the delay: nobody is coming
+        start = time.monotonic()
+        inference.Compute(request_for(waters(1)[0]), timeout=60)
+        elapsed = time.monotonic() - start
+        assert batches_settle(server, (3, 9)) == (3, 9)
+    assert elapsed < 1.5, f"a lone structure waited {elapsed:.1f} s for batch-mates"
+
+
+def test_a_full_budget_takes_the_place_behind_only_while_no_other_model_waits(model) -> None:
+    """The place behind a running batch goes to a full budget only while no other batcher
+    has structures waiting: otherwise a model whose batches always fill their budget would
+    keep the device from every other model."""
+    with running_server({"small": model, "other": model}, max_atoms=6) as server:
+        inference = stub(server)
+        with runner_held(server):
+            full = inference.ComputeStream(iter(request_for(w) for w in waters(2)), timeout=60)
+            assert next(full).HasField("energy")  # alone, it may take the place behind
+            waiting = inference.Compute.future(request_for(waters(1)[0], model="other"), timeout=60)
+            wait_queued(server, 1, model="other")
+            more = inference.ComputeStream(iter(request_for(w) for w in waters(4)), timeout=60)
+            wait_queued(server, 4)
+            time.sleep(0.5)  # time enough to take the place behind, if it were allowed
+            assert batches(server) == (1, 2)
+        assert waiting.result().HasField("energy")
+        assert len(list(more)) == 4 and len(list(full)) == 1
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,14 @@ import pytest
 import torch
 from ase.build import bulk, molecule
 from hotload_support import wait_for
-from server_support import request_for, running_server, scrape, small_model
+from server_support import (
+    request_for,
+    runner_held,
+    running_server,
+    scrape,
+    small_model,
+    wait_queued,
+)
 
 from crossfield.model import Structure
 from crossfield.server.streams import StreamLimits
@@ -133,9 +140,11 @@ def test_cancelling_a_stream_withdraws_its_queued_structures(model) -> None:
     requests = [request_for(ethanol(), id=str(i)) for i in range(count)]
     # two ethanols per batch: most of the stream is still queued when it is cancelled
     with running_server({"small": model}, max_delay=0.0, max_atoms=18) as server:
-        call = inference_pb2_grpc.InferenceStub(channel_for(server)).ComputeStream(
-            iter(requests), timeout=60
-        )
+        with runner_held(server):  # most of the stream queues before anything runs
+            call = inference_pb2_grpc.InferenceStub(channel_for(server)).ComputeStream(
+                iter(requests), timeout=60
+            )
+            wait_queued(server, 150)
         read = [next(call) for _ in range(5)]
         call.cancel()
         depth = ("crossfield_queue_depth", SMALL)
@@ -154,10 +163,10 @@ def test_cancelling_a_stream_withdraws_its_queued_structures(model) -> None:
 
 def test_deadlines_and_cancellations_are_counted_apart(model) -> None:
     water = request_for(Structure.from_atoms(molecule("H2O"), head="pbe"))
-    with running_server({"small": model}, max_delay=3.0) as server:
+    with running_server({"small": model}, max_delay=3.0) as server, runner_held(server):
         inference = inference_pb2_grpc.InferenceStub(channel_for(server))
         with pytest.raises(grpc.RpcError) as raised:
-            inference.Compute(water, timeout=0.3)  # waits for batch-mates past its deadline
+            inference.Compute(water, timeout=0.3)  # waits for the busy device past its deadline
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(grpc.RpcError) as raised:
             list(inference.ComputeStream(iter([water] * 4), timeout=0.5))

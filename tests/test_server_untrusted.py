@@ -280,6 +280,12 @@ def test_a_crashed_graph_worker_marks_the_structure_as_poison(isolated_server) -
 def test_a_worker_killed_while_idle_is_replaced_without_blame(isolated_server) -> None:
     worker = one_worker(isolated_server)
     os.kill(worker, signal.SIGKILL)  # the server finds out when it next needs the worker
+    # Dead before the structure arrives (SIGKILL takes effect asynchronously, and an idle
+    # device hands the structure to a worker within a millisecond).
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the killed worker did not die"
+        time.sleep(0.01)
     assert call(isolated_server, soak._request([8, 1, 1], WATER))[0] == "OK"
     assert graph_workers(isolated_server) not in ([], [worker])
 

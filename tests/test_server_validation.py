@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk, molecule
-from server_support import request_for, running_server, scrape, small_model, stub
+from server_support import (
+    request_for,
+    runner_held,
+    running_server,
+    scrape,
+    small_model,
+    stub,
+    wait_queued,
+)
 
 from crossfield.model import Structure, evaluate
 from crossfield.v1 import inference_pb2
@@ -207,7 +215,10 @@ def test_a_structure_that_breaks_the_model_fails_alone(model) -> None:
     requests = [request_for(s, id=f"good{i}") for i, s in enumerate(good)]
     requests.insert(1, request_for(overlapping, id="culprit"))
     with running_server({"small": model}, max_delay=0.5) as server:
-        responses = {r.id: r for r in stub(server).ComputeStream(iter(requests), timeout=60)}
+        with runner_held(server):  # all four in one batch
+            call = stub(server).ComputeStream(iter(requests), timeout=60)
+            wait_queued(server, len(requests))
+        responses = {r.id: r for r in call}
         after = stub(server).Compute(request_for(good[0]), timeout=30)  # still serving
         metrics = scrape(server)
     small = frozenset({("model", "small")})
