@@ -1,10 +1,15 @@
 """``RemoteCalculator``: an ASE calculator whose energies and forces come from a server.
 
-Works wherever an ASE calculator does (MD, optimisers, cell filters, NEB images): each
-``calculate`` is one unary ``Compute`` call on a channel kept open for the calculator's
-life. Energy, forces and per-atom energies come back in every call (they cost the server
-one backward pass, and the bytes are few); stress only once it has been asked for, since
-it needs the strain derivative that MD at constant volume does not use, and from then on
+Works wherever an ASE calculator does (MD, optimisers, cell filters, NEB images), on a
+channel kept open for the calculator's life. Evaluations go through an MD session
+(``session.py``): the structure is sent once and then only its new positions (and cell),
+and the server keeps its neighbour list between steps, which is what an MD driver or an
+optimiser does to one atoms object; a new structure simply starts the session again. A
+server without sessions is detected on the first evaluation and answered by unary
+``Compute`` calls from then on (``session=False`` asks for those from the start). Energy,
+forces and per-atom energies come back in every evaluation (they cost the server one
+backward pass, and the bytes are few); stress only once it has been asked for, since it
+needs the strain derivative that MD at constant volume does not use, and from then on
 with every evaluation, so that ``get_forces`` then ``get_stress`` (a cell filter) is one
 call.
 """
@@ -20,6 +25,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from crossfield.client.client import Client
 from crossfield.client.connection import RetryPolicy
 from crossfield.client.results import Result, has_volume
+from crossfield.client.session import Session, SessionsUnsupportedError
 
 
 class RemoteCalculator(Calculator):
@@ -37,6 +43,7 @@ class RemoteCalculator(Calculator):
     client to a server that demands mutual TLS. With ``allow_extrapolation=True`` a head
     answers for elements outside its training data instead of refusing them; such answers
     put the atomic numbers in ``results["extrapolated_elements"]`` and warn once.
+    ``session`` (default True) evaluates through an MD session where the server has them.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -56,6 +63,7 @@ class RemoteCalculator(Calculator):
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
         allow_extrapolation: bool = False,
+        session: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -82,6 +90,15 @@ class RemoteCalculator(Calculator):
         self.stress_wanted = False  # once asked for, stress comes with every evaluation
         self.allow_extrapolation = allow_extrapolation
         self._warned_extrapolation = False
+        self._session: Session | None = None
+        if session:
+            self._session = self.client.session(
+                model=model,
+                version=self.version,
+                head=self.head,
+                timeout=timeout,
+                allow_extrapolation=allow_extrapolation,
+            )
 
     def calculate(
         self,
@@ -100,15 +117,7 @@ class RemoteCalculator(Calculator):
             self.stress_wanted = True
         if self.stress_wanted and has_volume(self.atoms):
             wanted.append("stress")
-        result = self.client.compute(
-            self.atoms,
-            wanted,
-            model=self.model,
-            version=self.version,
-            head=self.head,
-            timeout=self.timeout,
-            allow_extrapolation=self.allow_extrapolation,
-        )
+        result = self._evaluate(wanted)
         self.last_result = result
         self.results = {
             "energy": result.energy,
@@ -121,6 +130,29 @@ class RemoteCalculator(Calculator):
         if result.extrapolated_elements:
             self.results["extrapolated_elements"] = list(result.extrapolated_elements)
             self._warn_extrapolation(result)
+
+    def _evaluate(self, wanted: list[str]) -> Result:
+        if self._session is not None:
+            try:
+                return self._session.compute(self.atoms, wanted)
+            except SessionsUnsupportedError:  # an older server: unary calls from now on
+                self._session.close()
+                self._session = None
+        return self.client.compute(
+            self.atoms,
+            wanted,
+            model=self.model,
+            version=self.version,
+            head=self.head,
+            timeout=self.timeout,
+            allow_extrapolation=self.allow_extrapolation,
+        )
+
+    @property
+    def uses_session(self) -> bool:
+        """Whether evaluations go through an MD session (False once a server said it has
+        none)."""
+        return self._session is not None
 
     def _warn_extrapolation(self, result: Result) -> None:
         """Warn on the first flagged answer only: an MD run would otherwise warn every step."""
@@ -135,7 +167,9 @@ class RemoteCalculator(Calculator):
         )
 
     def close(self) -> None:
-        """Close the channel (only when this calculator opened it)."""
+        """End the session, and close the channel (only when this calculator opened it)."""
+        if self._session is not None:
+            self._session.close()
         if self._owns_client:
             self.client.close()
 

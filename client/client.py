@@ -21,6 +21,7 @@ from crossfield.client.connection import (
 )
 from crossfield.client.errors import from_rpc_error, lost_in_flight
 from crossfield.client.results import Result, atoms_request, check_properties, response_result
+from crossfield.client.session import Session
 from crossfield.client.stream import StreamRun, in_order
 from crossfield.v1 import inference_pb2
 
@@ -151,6 +152,31 @@ class Client:
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(delay)
+
+    # -- MD sessions --------------------------------------------------------------------------
+    def session(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        head: str | None = None,
+        timeout: float | None = None,
+        allow_extrapolation: bool | None = None,
+    ) -> Session:
+        """An MD session (``session.py``): ``Session.compute(atoms, properties)`` sends the
+        structure once and then only its new positions, to a server that keeps its
+        neighbour list; ``close()`` it at the end. Raises ``SessionsUnsupportedError`` on
+        the first evaluation against a server without sessions."""
+        request = {
+            "model": self.model if model is None else model,
+            "version": self.version if version is None else version,
+            "head": self.head if head is None else head,
+            "allow_extrapolation": (
+                self.allow_extrapolation if allow_extrapolation is None else allow_extrapolation
+            ),
+        }
+        timeout = self.timeout if timeout is None else timeout
+        return Session(self._servers, self._metadata, self.retries, timeout, request)
 
     # -- streaming ----------------------------------------------------------------------------
     def compute_many(

@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
+
 from crossfield.model import CrossfieldMACE
 from crossfield.model.device_graph import DeviceGraph, device_buildable
 from crossfield.model.graph import StructureGraph
-from crossfield.model.neighbours import frame_pairs
+from crossfield.model.neighbours import Frame, frame_pairs
 
 from .errors import ComputeError, InvalidArgumentError, ServeError
 from .graph_cost import GraphLimits, check_edges
@@ -50,7 +52,10 @@ class GraphBuilder:
         kept, graphs = [], []
         for item in items:
             try:
-                graph = self.graph(model, item.request)
+                if item.graph_source is not None:  # an MD session's kept neighbour list
+                    graph = item.graph_source(model, self)
+                else:
+                    graph = self.graph(model, item.request)
             except ServeError as err:
                 item.future.set_exception(err)
                 continue
@@ -71,13 +76,18 @@ class GraphBuilder:
         frame, r_max = request.frame, model.config.r_max
         if self.on_device(model, request):
             return DeviceGraph(frame, r_max)
-        if request.pairs_bound <= self.limits.in_process_pairs:
-            pairs = frame_pairs(frame, r_max)
-        else:
-            pairs = self.workers.pairs(frame, r_max)
-        graph = StructureGraph(frame.positions, *pairs)
+        graph = StructureGraph(frame.positions, *self.pairs(frame, r_max, request.pairs_bound))
         check_edges(graph.num_edges, request.num_atoms, model, self.limits, exact=True)
         return graph
+
+    def pairs(
+        self, frame: Frame, cutoff: float, bound: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``neighbours.frame_pairs`` of ``frame``: in-process when its pair ``bound``
+        proves it cheap, else in a worker."""
+        if bound <= self.limits.in_process_pairs:
+            return frame_pairs(frame, cutoff)
+        return self.workers.pairs(frame, cutoff)
 
     def on_device(self, model: CrossfieldMACE, request: CheckedRequest) -> bool:
         """Whether the structure's pairs are found on the model's device. No exact edge

@@ -128,7 +128,7 @@ class Metrics:
             registry=r,
         )
         self.open_streams = Gauge(
-            "crossfield_open_streams", "ComputeStream calls open now", registry=r
+            "crossfield_open_streams", "ComputeStream and ComputeSession calls open now", registry=r
         )
         self.stream_held_bytes = Gauge(
             "crossfield_stream_held_bytes",
@@ -138,9 +138,17 @@ class Metrics:
         )
         self.streams_ended = Counter(
             "crossfield_streams_ended",
-            "ComputeStream calls ended, by reason: completed, cancelled, deadline, idle (the "
+            "ComputeStream and ComputeSession calls ended, by reason: completed, cancelled, "
+            "deadline, idle (the "
             "client sent nothing), unread (the client read nothing), stopping (the server)",
             ["reason"],
+            registry=r,
+        )
+        self.session_graphs = Counter(
+            "crossfield_session_graphs",
+            "Graphs of MD session steps: the session's neighbour list reused (masked to the "
+            "cutoff) or rebuilt (an atom moved more than half the skin, or the cell changed)",
+            ["outcome"],
             registry=r,
         )
         self.device_memory = Gauge(

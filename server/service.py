@@ -4,8 +4,9 @@
 Handlers are coroutines on the server's one I/O event loop; batchers and runners keep
 their own threads. A unary request is admitted (``admission.py``) and its handler awaits
 the work item's future, which the runner completes from its thread; a stream is a
-``StreamSession`` (``streams.py``). Every final outcome of a structure is counted once in
-``crossfield_requests_total``, with the model version that answered it.
+``StreamSession`` (``streams.py``), an MD session an ``MdSession`` (``sessions.py``).
+Every final outcome of a structure is counted once in ``crossfield_requests_total``, with
+the model version that answered it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import ServeError
 from .metrics import Metrics
 from .models import ModelRegistry
 from .responses import clip, encode_result, model_info, status_code
+from .sessions import MdSession
 from .streams import StreamLimits, StreamSession, call_deadline, deadline_passed
 from .wire import Malformed
 
@@ -39,7 +41,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self._metrics = metrics
         self._admission = Admission(registry)
         self._stream_limits = streams or StreamLimits()
-        self._sessions: set[StreamSession] = set()
+        self._sessions: set[StreamSession | MdSession] = set()
         self._stopping = False
 
     def stop_streams(self) -> None:
@@ -76,6 +78,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         session = StreamSession(self._admission, self._metrics, self._stream_limits, context)
+        self._sessions.add(session)
+        if self._stopping:
+            session.stop()
+        try:
+            await session.run(request_iterator)
+        finally:
+            self._sessions.discard(session)
+
+    async def ComputeSession(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        session = MdSession(self._registry, self._metrics, self._stream_limits, context)
         self._sessions.add(session)
         if self._stopping:
             session.stop()

@@ -62,17 +62,41 @@ def check_request(
     served: ServedModel, request: inference_pb2.ComputeRequest, head: str
 ) -> CheckedRequest:
     """Validate the structure and properties of ``request`` for model ``served``."""
-    config = served.model.config
     limits = served.batcher.limits.graphs
-    properties = _properties(request)
+    properties = check_properties(request)
     if not request.HasField("structure"):
         raise InvalidArgumentError("structure: missing")
     message = request.structure
     numbers = _numbers(message, served)
-    extrapolated = check_coverage(config, served.name, head, numbers, request.allow_extrapolation)
-    positions = _positions(message, len(numbers), limits.max_coordinate)
+    extrapolated = check_coverage(
+        served.model.config, served.name, head, numbers, request.allow_extrapolation
+    )
+    positions = check_positions(message, len(numbers), limits.max_coordinate)
     pbc = _pbc(message)
-    cell = _cell(message, pbc)
+    cell = check_cell(message, pbc)
+    return check_configuration(
+        served, numbers, positions, cell, pbc, head, properties, extrapolated
+    )
+
+
+def check_configuration(
+    served: ServedModel,
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray | None,
+    pbc: tuple[bool, bool, bool],
+    head: str,
+    properties: frozenset[str],
+    extrapolated: tuple[int, ...] = (),
+) -> CheckedRequest:
+    """Check a structure whose arrays passed their own checks as a whole: stress needs a
+    periodic structure, periodic layers, the canonical frame and the graph's cost.
+
+    An MD session step comes here directly: its atoms were checked when the session
+    started, its new positions and cell get every check that depends on them.
+    """
+    config = served.model.config
+    limits = served.batcher.limits.graphs
     if "stress" in properties and not any(pbc):
         raise InvalidArgumentError(
             "properties: stress needs a periodic structure (set structure.pbc and structure.cell)"
@@ -138,7 +162,9 @@ def _cost(
     return cost
 
 
-def _properties(request: inference_pb2.ComputeRequest) -> frozenset[str]:
+def check_properties(
+    request: inference_pb2.ComputeRequest | inference_pb2.SessionStep,
+) -> frozenset[str]:
     names = set()
     for value in request.properties:
         if value == inference_pb2.PROPERTY_UNSPECIFIED:
@@ -149,9 +175,9 @@ def _properties(request: inference_pb2.ComputeRequest) -> frozenset[str]:
     return frozenset(names) or DEFAULT_PROPERTIES
 
 
-def _decode(message, name: str) -> np.ndarray:
+def _decode(message, name: str, prefix: str = "structure") -> np.ndarray:
     try:
-        return from_array(getattr(message, name), field=f"structure.{name}")
+        return from_array(getattr(message, name), field=f"{prefix}.{name}")
     except ValueError as err:
         raise InvalidArgumentError(str(err)) from None
 
@@ -189,27 +215,32 @@ def _numbers(message: inference_pb2.Structure, served: ServedModel) -> np.ndarra
     return numbers
 
 
-def _positions(
-    message: inference_pb2.Structure, num_atoms: int, max_coordinate: float
+def check_positions(
+    message: inference_pb2.Structure | inference_pb2.SessionStep,
+    num_atoms: int,
+    max_coordinate: float,
+    prefix: str = "structure",
 ) -> np.ndarray:
+    """The positions of ``message`` as float64 [num_atoms, 3]; errors name
+    ``<prefix>.positions``."""
     if not message.HasField("positions"):
-        raise InvalidArgumentError("structure.positions: missing")
-    positions = _decode(message, "positions")
+        raise InvalidArgumentError(f"{prefix}.positions: missing")
+    positions = _decode(message, "positions", prefix)
     if positions.dtype.kind != "f":
         raise InvalidArgumentError(
-            f"structure.positions: must be FLOAT64 or FLOAT32, got {positions.dtype}"
+            f"{prefix}.positions: must be FLOAT64 or FLOAT32, got {positions.dtype}"
         )
     if positions.shape != (num_atoms, 3):
         raise InvalidArgumentError(
-            f"structure.positions: shape {list(positions.shape)} does not match "
+            f"{prefix}.positions: shape {list(positions.shape)} does not match "
             f"[{num_atoms}, 3] for {num_atoms} atoms"
         )
     if not np.isfinite(positions).all():
-        raise InvalidArgumentError("structure.positions: contains NaN or infinite values")
+        raise InvalidArgumentError(f"{prefix}.positions: contains NaN or infinite values")
     largest = float(np.abs(positions).max())
     if largest > max_coordinate:
         raise InvalidArgumentError(
-            f"structure.positions: a coordinate of {largest:.3g} A is beyond the limit of "
+            f"{prefix}.positions: a coordinate of {largest:.3g} A is beyond the limit of "
             f"{max_coordinate:.3g} A; is the array little-endian, as the wire requires?"
         )
     return positions.astype(np.float64)
@@ -223,25 +254,29 @@ def _pbc(message: inference_pb2.Structure) -> tuple[bool, bool, bool]:
     return (bool(message.pbc[0]), bool(message.pbc[1]), bool(message.pbc[2]))
 
 
-def _cell(message: inference_pb2.Structure, pbc: tuple[bool, bool, bool]) -> np.ndarray | None:
+def check_cell(
+    message: inference_pb2.Structure | inference_pb2.SessionStep,
+    pbc: tuple[bool, bool, bool],
+    prefix: str = "structure",
+) -> np.ndarray | None:
+    """The cell of ``message`` as float64 [3, 3] (None for a molecule without one); errors
+    name ``<prefix>.cell``."""
     if not message.HasField("cell"):
         if any(pbc):
-            raise InvalidArgumentError("structure.cell: missing, but structure.pbc is periodic")
+            raise InvalidArgumentError(f"{prefix}.cell: missing, but structure.pbc is periodic")
         return None
-    cell = _decode(message, "cell")
+    cell = _decode(message, "cell", prefix)
     if cell.dtype.kind != "f":
-        raise InvalidArgumentError(f"structure.cell: must be FLOAT64 or FLOAT32, got {cell.dtype}")
+        raise InvalidArgumentError(f"{prefix}.cell: must be FLOAT64 or FLOAT32, got {cell.dtype}")
     if cell.shape != (3, 3):
-        raise InvalidArgumentError(
-            f"structure.cell: must have shape [3, 3], got {list(cell.shape)}"
-        )
+        raise InvalidArgumentError(f"{prefix}.cell: must have shape [3, 3], got {list(cell.shape)}")
     if not np.isfinite(cell).all():
-        raise InvalidArgumentError("structure.cell: contains NaN or infinite values")
+        raise InvalidArgumentError(f"{prefix}.cell: contains NaN or infinite values")
     cell = cell.astype(np.float64)
     longest = float(np.linalg.norm(cell, axis=1).max())
     if any(pbc) and longest > MAX_CELL_LENGTH:  # also before the covolume, which overflows
         raise InvalidArgumentError(
-            f"structure.cell: a lattice vector is {longest:.4g} A long (limit "
+            f"{prefix}.cell: a lattice vector is {longest:.4g} A long (limit "
             f"{MAX_CELL_LENGTH:.0f} A for periodic structures); is the cell in Angstrom?"
         )
     periodic = cell[list(pbc)]
@@ -249,7 +284,7 @@ def _cell(message: inference_pb2.Structure, pbc: tuple[bool, bool, bool]) -> np.
         1.0, float(np.abs(periodic).max())
     ) ** len(periodic):
         raise InvalidArgumentError(
-            f"structure.cell: the periodic lattice vectors {periodic.tolist()} are singular "
+            f"{prefix}.cell: the periodic lattice vectors {periodic.tolist()} are singular "
             "(zero length or linearly dependent)"
         )
     return cell

@@ -3,8 +3,10 @@ from the service through a batcher to a runner, and the result that comes back."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +57,6 @@ class WorkItem:
     taken: float = 0.0
     queued: bool = False  # in its batcher's queue (owned by the batcher's lock)
     abandoned: bool = False  # nobody waits for the result any more
+    # Where its graph comes from when not from ``GraphBuilder.graph``: an MD session's kept
+    # neighbour list, called with the model and the runner's GraphBuilder (``sessions.py``)
+    graph_source: Callable[[Any, Any], Any] | None = None

@@ -18,6 +18,7 @@ from security_support import secure_server
 from server_support import request_for, running_server, scrape, small_model
 from test_server_cli import serve
 
+from crossfield.client.connection import RetryPolicy, Security, channel_options
 from crossfield.model import Structure, save_checkpoint
 from crossfield.server.security import SecurityConfig
 from crossfield.server.streams import StreamLimits
@@ -157,6 +158,16 @@ def test_the_per_client_limit_keys_on_the_bearer_token(model) -> None:
             requests.put(None)
             assert stream_status(call) == (None, "")
         assert computes(server.port, alpha) and computes(server.port, beta)
+
+
+def test_the_client_keepalive_is_within_what_the_server_permits() -> None:
+    options = dict(channel_options(Security(), 1 << 20, RetryPolicy()))
+    transport = dict(Transport().options())
+    interval = options["grpc.keepalive_time_ms"]
+    # with margin for jitter: a crossfield client must never collect a ping strike
+    assert interval >= 2 * transport["grpc.http2.min_ping_interval_without_data_ms"]
+    if options.get("grpc.keepalive_permit_without_calls"):
+        assert transport["grpc.keepalive_permit_without_calls"] == 1
 
 
 def test_pings_faster_than_permitted_get_goaway(model) -> None:

@@ -112,6 +112,26 @@ class ComputeResponse(_message.Message):
     extrapolated_elements: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., head: _Optional[str] = ..., energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ..., atom_energies: _Optional[_Union[Array, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., extrapolation: _Optional[bool] = ..., extrapolated_elements: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("start", "step")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    start: ComputeRequest
+    step: SessionStep
+    def __init__(self, start: _Optional[_Union[ComputeRequest, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ...) -> None: ...
+
+class SessionStep(_message.Message):
+    __slots__ = ("id", "positions", "cell", "properties")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    positions: Array
+    cell: Array
+    properties: _containers.RepeatedScalarFieldContainer[Property]
+    def __init__(self, id: _Optional[str] = ..., positions: _Optional[_Union[Array, _Mapping]] = ..., cell: _Optional[_Union[Array, _Mapping]] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ...) -> None: ...
+
 class HeadInfo(_message.Message):
     __slots__ = ("name", "level_of_theory", "coverage_known", "elements", "systems")
     NAME_FIELD_NUMBER: _ClassVar[int]

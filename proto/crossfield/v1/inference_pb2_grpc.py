@@ -45,6 +45,11 @@ class InferenceStub:
                 request_serializer=crossfield_dot_v1_dot_inference__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=crossfield_dot_v1_dot_inference__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.ComputeSession = channel.stream_stream(
+                '/crossfield.v1.Inference/ComputeSession',
+                request_serializer=crossfield_dot_v1_dot_inference__pb2.SessionRequest.SerializeToString,
+                response_deserializer=crossfield_dot_v1_dot_inference__pb2.ComputeResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/crossfield.v1.Inference/ListModels',
                 request_serializer=crossfield_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -77,6 +82,22 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeSession(self, request_iterator, context):
+        """An MD session: the structure is sent once (SessionRequest.start), then only its new
+        positions, and its cell when it changes (SessionRequest.step). Messages are answered
+        in order, each exactly once, with a ComputeResponse equal to what Compute answers for
+        the same structure; a failed message is answered with an error status and the
+        session goes on. The server keeps the structure's neighbour list for the life of the
+        call (built with a skin beyond the cutoff and rebuilt only when an atom has moved
+        more than half of it), so a session lives on one server: when that server stops, or
+        the session stays idle longer than the server allows, the call ends UNAVAILABLE and
+        the client opens a new session (elsewhere) starting from its last structure. Servers
+        without sessions answer UNIMPLEMENTED: use Compute.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Every loaded model version with its heads, elements, cutoff and dtype.
         """
@@ -102,6 +123,11 @@ def add_InferenceServicer_to_server(servicer, server):
             'ComputeStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ComputeStream,
                     request_deserializer=crossfield_dot_v1_dot_inference__pb2.ComputeRequest.FromString,
+                    response_serializer=crossfield_dot_v1_dot_inference__pb2.ComputeResponse.SerializeToString,
+            ),
+            'ComputeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeSession,
+                    request_deserializer=crossfield_dot_v1_dot_inference__pb2.SessionRequest.FromString,
                     response_serializer=crossfield_dot_v1_dot_inference__pb2.ComputeResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -169,6 +195,33 @@ class Inference:
             target,
             '/crossfield.v1.Inference/ComputeStream',
             crossfield_dot_v1_dot_inference__pb2.ComputeRequest.SerializeToString,
+            crossfield_dot_v1_dot_inference__pb2.ComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/crossfield.v1.Inference/ComputeSession',
+            crossfield_dot_v1_dot_inference__pb2.SessionRequest.SerializeToString,
             crossfield_dot_v1_dot_inference__pb2.ComputeResponse.FromString,
             options,
             channel_credentials,
