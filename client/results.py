@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from crossfield.client.errors import CrossfieldError, error_for
+from crossfield.client.errors import CrossfieldError, PoisonStructureError, error_for
 from crossfield.v1 import inference_pb2
 from crossfield.v1.messages import compute_request, response_results
 
@@ -116,8 +116,13 @@ def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> 
         "compute_seconds": response.compute_seconds,
     }
     if response.HasField("status") and response.status.code != 0:
-        code = _CODE_NAMES.get(response.status.code, "UNKNOWN")
-        return Result(error=error_for(code, response.status.message), **common)
+        status = response.status
+        code = _CODE_NAMES.get(status.code, "UNKNOWN")
+        if status.poison:  # refused as poison: as the unary trailer says (errors.py)
+            error = PoisonStructureError(status.message or status.poison, code, status.poison)
+        else:
+            error = error_for(code, status.message)
+        return Result(error=error, **common)
     values = response_results(response)
     return Result(
         energy=values.get("energy"),

@@ -17,7 +17,7 @@ from google.protobuf import struct_pb2
 from crossfield.v1 import inference_pb2
 from crossfield.v1.arrays import to_array
 
-from .errors import ServeError
+from .errors import PoisonError, ServeError
 from .models import ModelRegistry, ServedModel
 from .work import StructureResult, WorkItem
 
@@ -36,8 +36,11 @@ def status_code(error: ServeError) -> grpc.StatusCode:
 
 
 def error_response(request_id: str, error: ServeError) -> inference_pb2.ComputeResponse:
-    """A stream's answer to one structure that failed: its id and status."""
+    """A stream's answer to one structure that failed: its id and status, with the poison
+    reason where a unary call would carry it in its trailing metadata."""
     status = inference_pb2.Status(code=status_code(error).value[0], message=clip(error.message))
+    if isinstance(error, PoisonError):
+        status.poison = clip(error.reason)
     return inference_pb2.ComputeResponse(id=request_id, status=status)
 
 

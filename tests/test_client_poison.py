@@ -18,7 +18,13 @@ from poison_support import (
     poisoned_servers,
 )
 
-from crossfield.client import AsyncClient, Client, PoisonStructureError, RetryPolicy
+from crossfield.client import (
+    AsyncClient,
+    Client,
+    PoisonStructureError,
+    RemoteCalculator,
+    RetryPolicy,
+)
 
 RETRIES = RetryPolicy(attempts=6, initial_backoff=0.01, max_backoff=0.05)
 
@@ -65,14 +71,29 @@ def test_a_structure_that_takes_servers_down_is_not_sent_to_a_third() -> None:
 
 
 def test_compute_many_answers_the_poison_with_an_error_and_everything_else() -> None:
+    """Streams and MD sessions: the killer is answered with the client's verdict, a
+    structure the server marked as poison with the server's reason (the per-item status's
+    ``poison``, where a unary call has its trailer), once, and everything else normally."""
     structures = mixed_structures(40, seed=8)
     structures[17] = hydrogen_chain(KILLER_ATOMS)
+    structures[29] = hydrogen_chain(MARKED_ATOMS)
     with poisoned_servers(3) as servers:
         addresses = [s.address for s in servers]
         with Client(addresses, retries=RETRIES, timeout=30) as client:
             results = list(client.compute_many(structures, max_in_flight=12))
+            atoms = hydrogen_chain(MARKED_ATOMS)
+            atoms.calc = RemoteCalculator(client)
+            with pytest.raises(PoisonStructureError) as marked:
+                atoms.get_potential_energy()
+            assert atoms.calc.uses_session
         assert [r.index for r in results] == list(range(len(structures)))
         assert isinstance(results[17].error, PoisonStructureError)
         assert_two_of_three_died(servers, results[17].error.servers)
-    failed = [(r.index, r.error) for r in results if not r.ok and r.index != 17]
+        arrivals = sum("".join(s.output).count(MARKED_LINE) for s in servers)
+    assert isinstance(results[29].error, PoisonStructureError)
+    assert results[29].error.reason == MARK_REASON
+    assert results[29].error.code == "INVALID_ARGUMENT"
+    assert marked.value.reason == MARK_REASON
+    assert arrivals == 2  # once in the stream, once in the session: neither retried
+    failed = [(r.index, r.error) for r in results if not r.ok and r.index not in (17, 29)]
     assert not failed, failed[:3]  # those in flight beside it were answered

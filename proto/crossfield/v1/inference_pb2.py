@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63rossfield/v1/inference.proto\x12\rcrossfield.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x05\x41rray\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.crossfield.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8c\x01\n\tStructure\x12%\n\x07numbers\x18\x01 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\"\n\x04\x63\x65ll\x18\x03 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\x0b\n\x03pbc\x18\x04 \x03(\x08\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc1\x01\n\x0e\x43omputeRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12+\n\nproperties\x18\x05 \x03(\x0e\x32\x17.crossfield.v1.Property\x12+\n\tstructure\x18\x06 \x01(\x0b\x32\x18.crossfield.v1.Structure\x12\x1b\n\x13\x61llow_extrapolation\x18\x07 \x01(\x08\"\xf1\x02\n\x0f\x43omputeResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.crossfield.v1.Status\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04head\x18\x05 \x01(\t\x12\x13\n\x06\x65nergy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12$\n\x06\x66orces\x18\x07 \x01(\x0b\x32\x14.crossfield.v1.Array\x12$\n\x06stress\x18\x08 \x01(\x0b\x32\x14.crossfield.v1.Array\x12+\n\ratom_energies\x18\t \x01(\x0b\x32\x14.crossfield.v1.Array\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rextrapolation\x18\x0c \x01(\x08\x12\x1d\n\x15\x65xtrapolated_elements\x18\r \x03(\x05\x42\t\n\x07_energy\"t\n\x0eSessionRequest\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1d.crossfield.v1.ComputeRequestH\x00\x12*\n\x04step\x18\x02 \x01(\x0b\x32\x1a.crossfield.v1.SessionStepH\x00\x42\x06\n\x04kind\"\x93\x01\n\x0bSessionStep\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\"\n\x04\x63\x65ll\x18\x03 \x01(\x0b\x32\x14.crossfield.v1.Array\x12+\n\nproperties\x18\x04 \x03(\x0e\x32\x17.crossfield.v1.Property\"\x85\x01\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0flevel_of_theory\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63overage_known\x18\x03 \x01(\x08\x12\x10\n\x08\x65lements\x18\x04 \x03(\x05\x12\x0f\n\x07systems\x18\x05 \x03(\t\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x10\n\x08versions\x18\x04 \x03(\t\x12&\n\x05heads\x18\x05 \x03(\x0b\x32\x17.crossfield.v1.HeadInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_head\x18\x06 \x01(\t\x12\x10\n\x08\x65lements\x18\x07 \x03(\x05\x12\x0e\n\x06\x63utoff\x18\x08 \x01(\x01\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x1f\n\x17max_atoms_per_structure\x18\x0b \x01(\x03\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.crossfield.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT64\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04*\x7f\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x1a\n\x16PROPERTY_ATOM_ENERGIES\x10\x04\x32\x97\x03\n\tInference\x12H\n\x07\x43ompute\x12\x1d.crossfield.v1.ComputeRequest\x1a\x1e.crossfield.v1.ComputeResponse\x12R\n\rComputeStream\x12\x1d.crossfield.v1.ComputeRequest\x1a\x1e.crossfield.v1.ComputeResponse(\x01\x30\x01\x12S\n\x0e\x43omputeSession\x12\x1d.crossfield.v1.SessionRequest\x1a\x1e.crossfield.v1.ComputeResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .crossfield.v1.ListModelsRequest\x1a!.crossfield.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.crossfield.v1.GetModelRequest\x1a\x18.crossfield.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63rossfield/v1/inference.proto\x12\rcrossfield.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x05\x41rray\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.crossfield.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8c\x01\n\tStructure\x12%\n\x07numbers\x18\x01 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\"\n\x04\x63\x65ll\x18\x03 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\x0b\n\x03pbc\x18\x04 \x03(\x08\"7\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06poison\x18\x03 \x01(\t\"\xc1\x01\n\x0e\x43omputeRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12+\n\nproperties\x18\x05 \x03(\x0e\x32\x17.crossfield.v1.Property\x12+\n\tstructure\x18\x06 \x01(\x0b\x32\x18.crossfield.v1.Structure\x12\x1b\n\x13\x61llow_extrapolation\x18\x07 \x01(\x08\"\xf1\x02\n\x0f\x43omputeResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.crossfield.v1.Status\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04head\x18\x05 \x01(\t\x12\x13\n\x06\x65nergy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12$\n\x06\x66orces\x18\x07 \x01(\x0b\x32\x14.crossfield.v1.Array\x12$\n\x06stress\x18\x08 \x01(\x0b\x32\x14.crossfield.v1.Array\x12+\n\ratom_energies\x18\t \x01(\x0b\x32\x14.crossfield.v1.Array\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x15\n\rextrapolation\x18\x0c \x01(\x08\x12\x1d\n\x15\x65xtrapolated_elements\x18\r \x03(\x05\x42\t\n\x07_energy\"t\n\x0eSessionRequest\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1d.crossfield.v1.ComputeRequestH\x00\x12*\n\x04step\x18\x02 \x01(\x0b\x32\x1a.crossfield.v1.SessionStepH\x00\x42\x06\n\x04kind\"\x93\x01\n\x0bSessionStep\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.crossfield.v1.Array\x12\"\n\x04\x63\x65ll\x18\x03 \x01(\x0b\x32\x14.crossfield.v1.Array\x12+\n\nproperties\x18\x04 \x03(\x0e\x32\x17.crossfield.v1.Property\"\x85\x01\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0flevel_of_theory\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63overage_known\x18\x03 \x01(\x08\x12\x10\n\x08\x65lements\x18\x04 \x03(\x05\x12\x0f\n\x07systems\x18\x05 \x03(\t\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x10\n\x08versions\x18\x04 \x03(\t\x12&\n\x05heads\x18\x05 \x03(\x0b\x32\x17.crossfield.v1.HeadInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_head\x18\x06 \x01(\t\x12\x10\n\x08\x65lements\x18\x07 \x03(\x05\x12\x0e\n\x06\x63utoff\x18\x08 \x01(\x01\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x1f\n\x17max_atoms_per_structure\x18\x0b \x01(\x03\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.crossfield.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT64\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04*\x7f\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x1a\n\x16PROPERTY_ATOM_ENERGIES\x10\x04\x32\x97\x03\n\tInference\x12H\n\x07\x43ompute\x12\x1d.crossfield.v1.ComputeRequest\x1a\x1e.crossfield.v1.ComputeResponse\x12R\n\rComputeStream\x12\x1d.crossfield.v1.ComputeRequest\x1a\x1e.crossfield.v1.ComputeResponse(\x01\x30\x01\x12S\n\x0e\x43omputeSession\x12\x1d.crossfield.v1.SessionRequest\x1a\x1e.crossfield.v1.ComputeResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .crossfield.v1.ListModelsRequest\x1a!.crossfield.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.crossfield.v1.GetModelRequest\x1a\x18.crossfield.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crossfield.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1766
-  _globals['_DTYPE']._serialized_end=1868
-  _globals['_PROPERTY']._serialized_start=1870
-  _globals['_PROPERTY']._serialized_end=1997
+  _globals['_DTYPE']._serialized_start=1782
+  _globals['_DTYPE']._serialized_end=1884
+  _globals['_PROPERTY']._serialized_start=1886
+  _globals['_PROPERTY']._serialized_end=2013
   _globals['_ARRAY']._serialized_start=78
   _globals['_ARRAY']._serialized_end=151
   _globals['_STRUCTURE']._serialized_start=154
   _globals['_STRUCTURE']._serialized_end=294
   _globals['_STATUS']._serialized_start=296
-  _globals['_STATUS']._serialized_end=335
-  _globals['_COMPUTEREQUEST']._serialized_start=338
-  _globals['_COMPUTEREQUEST']._serialized_end=531
-  _globals['_COMPUTERESPONSE']._serialized_start=534
-  _globals['_COMPUTERESPONSE']._serialized_end=903
-  _globals['_SESSIONREQUEST']._serialized_start=905
-  _globals['_SESSIONREQUEST']._serialized_end=1021
-  _globals['_SESSIONSTEP']._serialized_start=1024
-  _globals['_SESSIONSTEP']._serialized_end=1171
-  _globals['_HEADINFO']._serialized_start=1174
-  _globals['_HEADINFO']._serialized_end=1307
-  _globals['_MODELINFO']._serialized_start=1310
-  _globals['_MODELINFO']._serialized_end=1606
-  _globals['_LISTMODELSREQUEST']._serialized_start=1608
-  _globals['_LISTMODELSREQUEST']._serialized_end=1627
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1629
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1714
-  _globals['_GETMODELREQUEST']._serialized_start=1716
-  _globals['_GETMODELREQUEST']._serialized_end=1764
-  _globals['_INFERENCE']._serialized_start=2000
-  _globals['_INFERENCE']._serialized_end=2407
+  _globals['_STATUS']._serialized_end=351
+  _globals['_COMPUTEREQUEST']._serialized_start=354
+  _globals['_COMPUTEREQUEST']._serialized_end=547
+  _globals['_COMPUTERESPONSE']._serialized_start=550
+  _globals['_COMPUTERESPONSE']._serialized_end=919
+  _globals['_SESSIONREQUEST']._serialized_start=921
+  _globals['_SESSIONREQUEST']._serialized_end=1037
+  _globals['_SESSIONSTEP']._serialized_start=1040
+  _globals['_SESSIONSTEP']._serialized_end=1187
+  _globals['_HEADINFO']._serialized_start=1190
+  _globals['_HEADINFO']._serialized_end=1323
+  _globals['_MODELINFO']._serialized_start=1326
+  _globals['_MODELINFO']._serialized_end=1622
+  _globals['_LISTMODELSREQUEST']._serialized_start=1624
+  _globals['_LISTMODELSREQUEST']._serialized_end=1643
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1645
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1730
+  _globals['_GETMODELREQUEST']._serialized_start=1732
+  _globals['_GETMODELREQUEST']._serialized_end=1780
+  _globals['_INFERENCE']._serialized_start=2016
+  _globals['_INFERENCE']._serialized_end=2423
 # @@protoc_insertion_point(module_scope)

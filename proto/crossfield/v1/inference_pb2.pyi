@@ -57,12 +57,14 @@ class Structure(_message.Message):
     def __init__(self, numbers: _Optional[_Union[Array, _Mapping]] = ..., positions: _Optional[_Union[Array, _Mapping]] = ..., cell: _Optional[_Union[Array, _Mapping]] = ..., pbc: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "poison")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POISON_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    poison: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., poison: _Optional[str] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
     __slots__ = ("id", "model", "version", "head", "properties", "structure", "allow_extrapolation")
