@@ -216,6 +216,9 @@ def open_channel(
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 PROBE_TIMEOUT_S = 1.0
+# How long a failed probe keeps a connection counted down while its channel says READY:
+# longer than a probe, shorter than the keepalive that would notice a dead server.
+SUSPECT_S = 3.0
 
 
 def as_bytes(data: bytes) -> bytes:
@@ -251,12 +254,24 @@ class Connection:
             HEALTH_CHECK, request_serializer=as_bytes, response_deserializer=as_bytes
         )
         self._changed = changed
-        self.state = grpc.ChannelConnectivity.IDLE
+        self._reported = grpc.ChannelConnectivity.IDLE  # what the channel said last
+        self._down_until = 0.0  # a failed probe counts the server down until then
         self.channel.subscribe(self._track, try_to_connect=True)
+
+    @property
+    def state(self) -> grpc.ChannelConnectivity:
+        """The channel's state, or TRANSIENT_FAILURE for ``SUSPECT_S`` after a failed
+        probe (``answers``). The suspicion expires: a probe that timed out on a busy
+        machine must not keep a live server out of use, since a channel that stays
+        connected reports no change that would clear it."""
+        if self._reported == READY and time.monotonic() < self._down_until:
+            return TRANSIENT_FAILURE
+        return self._reported
 
     def _track(self, state: grpc.ChannelConnectivity) -> None:
         with self._changed:
-            self.state = state
+            self._reported = state
+            self._down_until = 0.0
             self._changed.notify_all()
 
     def answers(self) -> bool:
@@ -271,8 +286,11 @@ class Connection:
                 return True
             # Down, whatever the channel last reported: its state reaches us from a polling
             # thread, and a call sent on a stale READY would wait for this server until its
-            # deadline. The channel's next change (reconnecting, or READY) overrides this.
-            self._track(TRANSIENT_FAILURE)
+            # deadline. The channel's next change (reconnecting, or READY) overrides this,
+            # and so does time (``state``).
+            with self._changed:
+                self._down_until = time.monotonic() + SUSPECT_S
+                self._changed.notify_all()
             return False
         return True
 
@@ -341,12 +359,13 @@ class RoundRobin:
         return None
 
     def _wait(self, settled, deadline: float | None) -> bool:
-        """Wait (holding ``_changed``) until ``settled()``; False at the deadline."""
+        """Wait (holding ``_changed``) until ``settled()``; False at the deadline. Wakes
+        at least every ``SUSPECT_S``, when a suspicion may have expired unannounced."""
         while not settled():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._changed.wait(remaining)
+            self._changed.wait(SUSPECT_S if remaining is None else min(remaining, SUSPECT_S))
         return True
 
     def wait_ready(self, connection: Connection, deadline: float | None, stop) -> bool:

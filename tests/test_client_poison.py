@@ -5,6 +5,9 @@ server marked as poison is never retried and reaches the caller with the reason.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 from ase.build import molecule
@@ -25,6 +28,7 @@ from crossfield.client import (
     RemoteCalculator,
     RetryPolicy,
 )
+from crossfield.client.connection import SUSPECT_S
 
 RETRIES = RetryPolicy(attempts=6, initial_backoff=0.01, max_backoff=0.05)
 
@@ -97,3 +101,25 @@ def test_compute_many_answers_the_poison_with_an_error_and_everything_else() -> 
     assert arrivals == 2  # once in the stream, once in the session: neither retried
     failed = [(r.index, r.error) for r in results if not r.ok and r.index not in (17, 29)]
     assert not failed, failed[:3]  # those in flight beside it were answered
+
+
+def test_a_probe_that_times_out_on_a_live_server_does_not_shut_it_out() -> None:
+    """After an UNAVAILABLE the client probes the server (``Connection.answers``); a probe
+    that times out because the server is frozen (or the machine is busy) counts it down.
+    Once it answers again, calls must reach it: its channel stayed connected, so no state
+    change would ever clear the mark (measured before the fix: every call then waited for
+    its whole deadline, "no server reachable ... (reachable now)")."""
+    with poisoned_servers(1) as servers:
+        process = servers[0].process
+        with Client(servers[0].address, retries=RETRIES, timeout=20) as client:
+            assert client.compute(molecule("H2O")).ok
+            connection = client._servers.connections[0]
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                assert not connection.answers()  # the 1 s probe times out
+            finally:
+                os.kill(process.pid, signal.SIGCONT)
+            start = time.monotonic()
+            assert client.compute(molecule("CH4")).ok
+            # The mark lasts SUSPECT_S; a wait wakes at least that often.
+            assert time.monotonic() - start < 3 * SUSPECT_S
