@@ -20,6 +20,7 @@ from crossfield.client.connection import (
     Security,
 )
 from crossfield.client.errors import from_rpc_error, lost_in_flight
+from crossfield.client.relax import RelaxResult, relax_many
 from crossfield.client.results import Result, atoms_request, check_properties, response_result
 from crossfield.client.session import Session
 from crossfield.client.stream import StreamRun, in_order
@@ -177,6 +178,15 @@ class Client:
         }
         timeout = self.timeout if timeout is None else timeout
         return Session(self._servers, self._metadata, self.retries, timeout, request)
+
+    # -- relaxation --------------------------------------------------------------------------
+    def relax_many(self, structures: Iterable, **settings) -> Iterator[RelaxResult]:
+        """Relax ASE ``structures`` on the server, all in flight together with every other
+        client's; results as they finish. ``settings``: ``optimizer`` ("fire" or
+        "lbfgs"), ``fmax``, ``max_steps``, ``relax_cell``, ``trajectory_every``,
+        ``timeout`` (per structure), ``model``/``version``/``head``, ``max_in_flight``;
+        see :func:`crossfield.client.relax.relax_many`."""
+        return relax_many(self, structures, **settings)
 
     # -- streaming ----------------------------------------------------------------------------
     def compute_many(

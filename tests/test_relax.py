@@ -16,7 +16,7 @@ from ase.optimize import FIRE, LBFGS
 from server_support import running_server, scrape, small_model
 
 from crossfield.client import Client
-from crossfield.client.relax import relax_many, relax_request
+from crossfield.client.relax import relax_request
 from crossfield.model.calculator import CrossfieldCalculator
 from crossfield.model.presets import default_model
 from crossfield.v1 import relax_pb2, relax_pb2_grpc
@@ -56,8 +56,8 @@ def test_relaxations_match_ase_in_process() -> None:
     with running_server({"default": model}) as server:
         client = Client(f"127.0.0.1:{server.port}")
         for name, atoms, head, optimizer, relax_cell in cases():
-            (result,) = relax_many(
-                client, [atoms], head=head, optimizer=optimizer, relax_cell=relax_cell, fmax=FMAX
+            (result,) = client.relax_many(
+                [atoms], head=head, optimizer=optimizer, relax_cell=relax_cell, fmax=FMAX
             )
             assert result.ok and result.converged, (name, result.error)
             reference, steps = ase_relax(atoms, model, head, optimizer, relax_cell)
@@ -83,7 +83,7 @@ def test_batches_stay_full_and_every_structure_is_answered_once() -> None:
         structures.append(atoms)
     with running_server({"small": small_model()}, max_atoms=40) as server:
         client = Client(f"127.0.0.1:{server.port}", model="small")
-        results = list(relax_many(client, structures, fmax=0.05, max_steps=60))
+        results = list(client.relax_many(structures, fmax=0.05, max_steps=60))
         metrics = scrape(server)
         client.close()
     assert sorted(r.index for r in results) == list(range(len(structures)))
@@ -123,7 +123,7 @@ def test_a_structure_whose_forces_blow_up_fails_alone() -> None:
     with running_server({"small": nan_for_silicon(small_model())}) as server:
         client = Client(f"127.0.0.1:{server.port}", model="small")
         results = sorted(
-            relax_many(client, structures, fmax=1e-3, max_steps=50), key=lambda r: r.index
+            client.relax_many(structures, fmax=1e-3, max_steps=50), key=lambda r: r.index
         )
         client.close()
     assert [r.ok for r in results] == [True, False, True]
@@ -171,10 +171,10 @@ def test_bad_settings_are_refused_by_field() -> None:
     atoms = molecule("H2O")
     with running_server({"small": small_model()}) as server:
         client = Client(f"127.0.0.1:{server.port}", model="small")
-        (result,) = relax_many(client, [atoms], relax_cell=True)
+        (result,) = client.relax_many([atoms], relax_cell=True)
         assert result.error.code == "INVALID_ARGUMENT" and "relax_cell" in result.error.details
         atoms.set_constraint(FixAtoms(indices=[0]))
-        (result,) = relax_many(client, [atoms], trajectory_every=1, max_steps=20)
+        (result,) = client.relax_many([atoms], trajectory_every=1, max_steps=20)
         assert result.ok and len(result.trajectory) == result.steps + 1
         np.testing.assert_array_equal(result.atoms.positions[0], atoms.positions[0])
         client.close()
