@@ -1,22 +1,35 @@
-"""MD latency: time per step through RemoteCalculator vs the same model in-process.
+"""MD latency: time per step through RemoteCalculator vs the same model in-process, and vs
+the i-PI socket protocol, the standard way to drive a remote force engine.
 
 An MD driver sends one structure per step and waits for the forces, so what a server adds
-to every step (serialisation, loopback gRPC, queueing in the batcher, the server's own
-graph building) is paid in full. This runs VelocityVerlet on fcc copper crystals of 8 and
-64 atoms twice: with ``CrossfieldCalculator`` in this process, and with ``RemoteCalculator``
-against ``crossfield serve`` started as a separate process with the same model, dtype and
-number of torch threads. It prints ms per step, the ratio remote / in-process and the
-remote overhead per step, split into what the server reports (queue wait, compute) and
-the rest (transport + client). Aim: overhead well under a millisecond beyond the model.
+to every step (serialisation, loopback transport, queueing, the server's own graph
+building) is paid in full. This runs VelocityVerlet on fcc copper crystals of 8 and 64
+atoms with:
 
-Usage: python bench/md_latency.py [--model default|small] [--steps 100] [--threads 1]
-       [--dtype float32|float64] [--max-delay-ms 5] [--server HOST:PORT]
+- ``in-process``: ``CrossfieldCalculator`` in this process;
+- ``remote``: ``RemoteCalculator`` (its default: an MD session, positions only after the
+  first step) against ``crossfield serve`` with its default settings, a separate process
+  with the same model, dtype and torch threads;
+- ``remote-unary``: the same with ``session=False`` (one Compute call per step);
+- ``i-PI TCP`` and ``i-PI UNIX``: ASE's ``SocketIOCalculator`` here, driving an ASE
+  ``SocketClient`` in another process that evaluates the same model with
+  ``CrossfieldCalculator``, over TCP on loopback (as gRPC) or a UNIX socket.
+
+Each is timed ``--rounds`` times, interleaved (a loaded machine slows all of them alike);
+per step the median of single steps, then the median over rounds. Overhead = mode minus
+in-process. Aims (issue 16): below 0.5 ms, and no worse than the socket. Writes
+``docs/md_latency.json`` and ``docs/md_latency.png``.
+
+Usage: python bench/md_latency.py [--model default|small] [--steps 100] [--rounds 3]
+       [--threads 1] [--dtype float32|float64] [--out docs/md_latency.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +40,8 @@ import numpy as np
 import torch
 from ase import units
 from ase.build import bulk
+from ase.calculators.socketio import SocketClient, SocketIOCalculator
+from ase.io import read, write
 from ase.md.verlet import VelocityVerlet
 
 from crossfield.client import RemoteCalculator
@@ -80,26 +95,12 @@ def time_md(calculator, atoms_count: int, steps: int, observe=None, warmup: int 
 
 
 def start_server(args, checkpoint: Path | None) -> tuple[subprocess.Popen, str]:
-    """``crossfield serve`` in its own process; returns it and its address."""
+    """``crossfield serve`` in its own process with its default batching settings; returns
+    it and its address."""
     command = [
-        sys.executable,
-        "-m",
-        "crossfield.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--dtype",
-        args.dtype,
-        "--device",
-        "cpu",
-        "--threads",
-        str(args.threads),
-        "--max-delay-ms",
-        str(args.max_delay_ms),
+        *(sys.executable, "-m", "crossfield.cli", "serve", "--host", "127.0.0.1"),
+        *("--port", "0", "--metrics-port", "-1", "--dtype", args.dtype, "--device", "cpu"),
+        *("--threads", str(args.threads)),
     ]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint), "--name", "default"]
@@ -117,60 +118,182 @@ def start_server(args, checkpoint: Path | None) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"crossfield serve exited with {server.wait()} before listening")
 
 
+def load(args, checkpoint: Path | None):
+    if checkpoint is not None:
+        from crossfield.model import load_checkpoint
+
+        return load_checkpoint(checkpoint)
+    return default_model() if args.model == "default" else small_model()
+
+
+def socket_calculator(
+    args, checkpoint: Path | None, folder: Path, unix: bool
+) -> SocketIOCalculator:
+    """An i-PI server here whose client, started at the first step, is this script in
+    another process evaluating the model (``--ipi-client``), over TCP on loopback or a
+    UNIX socket."""
+    with socket.socket() as probe:  # a free port for the i-PI server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    name = f"crossfield-bench-{os.getpid()}-{port}" if unix else None
+
+    def launch(atoms, properties, port, unixsocket) -> subprocess.Popen:
+        path = folder / f"ipi-{len(atoms)}-{port}.traj"
+        write(path, atoms)
+        where = f"unix:{unixsocket}" if unixsocket else str(port)
+        command = [sys.executable, __file__, "--ipi-client", where, str(path)]
+        command += ["--model", args.model, "--dtype", args.dtype, "--threads", str(args.threads)]
+        if checkpoint is not None:
+            command += ["--checkpoint", str(checkpoint)]
+        return subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    if unix:
+        return SocketIOCalculator(unixsocket=name, launch_client=launch)
+    return SocketIOCalculator(port=port, launch_client=launch)
+
+
+def ipi_client(args) -> None:
+    """The i-PI client process: the model in-process behind ASE's SocketClient."""
+    torch.set_num_threads(args.threads)
+    atoms = read(args.atoms)
+    model = load(args, args.checkpoint)
+    atoms.calc = CrossfieldCalculator(model, dtype=getattr(torch, args.dtype))
+    where = args.ipi_client
+    if where.startswith("unix:"):
+        SocketClient(unixsocket=where.removeprefix("unix:")).run(atoms)
+    else:
+        SocketClient(host="127.0.0.1", port=int(where)).run(atoms)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if m != "in-process"]
+    sizes = list(result["sizes"])
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+        heights = [result["sizes"][n]["overhead_ms"][mode] for n in sizes]
+        bars = axis.bar([i + k * width for i in range(len(sizes))], heights, width, label=mode)
+        axis.bar_label(bars, fmt="%.2f", fontsize=7)
+    axis.axhline(0.5, color="black", linewidth=0.8, linestyle="--", label="aim 0.5 ms")
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], [f"{n} atoms" for n in sizes])
+    axis.set_ylabel("overhead per MD step over in-process (ms)")
+    conditions = result["conditions"]
+    axis.set_title(
+        f"{conditions['model']} model, {conditions['dtype']}, {conditions['threads']} torch "
+        f"thread(s), {conditions['cpus']} CPUs (shared)",
+        fontsize=9,
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+MODES = ("in-process", "remote", "remote-unary", "i-PI TCP", "i-PI UNIX")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("default", "small"), default="default")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, every process")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0, help="server batcher delay")
-    parser.add_argument("--server", default=None, help="use a running server instead")
+    parser.add_argument("--out", type=Path, default=Path("docs/md_latency.json"))
+    parser.add_argument("--ipi-client", help=argparse.SUPPRESS)
+    parser.add_argument("atoms", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ipi_client is not None:
+        return ipi_client(args)
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = default_model() if args.model == "default" else small_model()
-    checkpoint = None
-    with tempfile.TemporaryDirectory() as folder:
-        if args.model != "default" and args.server is None:
-            checkpoint = Path(folder) / "small.pt"
-            save_checkpoint(model, checkpoint)
-        server, address = (None, args.server) if args.server else start_server(args, checkpoint)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        checkpoint = None
+        if args.model != "default":
+            checkpoint = folder / "small.pt"
+            save_checkpoint(small_model(), checkpoint)
+        model = load(args, checkpoint)
+        server, address = start_server(args, checkpoint)
+        # the shipped default model's heads do not cover Cu: its answers are flagged as
+        # extrapolations, at the same cost (in-process and i-PI answer without asking)
+        remote = {"model": "default", "allow_extrapolation": True}
+        times: dict[int, dict[str, list[float]]] = {n: {m: [] for m in MODES} for n in SIZES}
+        server_side = {n: {"queue": [], "compute": []} for n in SIZES}
+        sockets = {
+            (n, unix): socket_calculator(args, checkpoint, folder, unix)
+            for n in SIZES
+            for unix in (False, True)
+        }
         try:
-            print(
-                f"model {args.model}, {args.dtype}, {args.threads} torch thread(s) each side, "
-                f"server max delay {args.max_delay_ms} ms, {args.steps} VelocityVerlet steps"
-            )
-            print(
-                f"{'atoms':>5} {'in-process':>11} {'remote':>9} {'ratio':>6} {'overhead':>9} "
-                f"{'server queue':>13} {'server compute':>15} {'rest':>9}"
-            )
-            for atoms_count in SIZES:
-                local = time_md(CrossfieldCalculator(model, dtype=dtype), atoms_count, args.steps)
-                with RemoteCalculator(address, model="default") as remote:
-                    answers = []
-                    far = time_md(
-                        remote,
-                        atoms_count,
-                        args.steps,
-                        observe=lambda r=remote, a=answers: a.append(r.last_result),
-                    )
-                queued = np.median([a.queue_seconds for a in answers[1:]])
-                computed = np.median([a.compute_seconds for a in answers[1:]])
-                rest = far - queued - computed
-                print(
-                    f"{atoms_count:>5} {local * 1e3:>8.2f} ms {far * 1e3:>6.2f} ms "
-                    f"{far / local:>6.2f} {(far - local) * 1e3:>6.2f} ms "
-                    f"{queued * 1e3:>10.2f} ms {computed * 1e3:>12.2f} ms {rest * 1e3:>6.2f} ms"
-                )
-            print(
-                "overhead = remote - in-process per step; rest = remote - server queue - "
-                "server compute (graph building, gRPC, encoding, client)"
-            )
+            for _ in range(args.rounds):
+                for n in SIZES:
+                    calculators = {
+                        "in-process": CrossfieldCalculator(model, dtype=dtype),
+                        "remote": RemoteCalculator(address, **remote),
+                        "remote-unary": RemoteCalculator(address, session=False, **remote),
+                        "i-PI TCP": sockets[n, False],
+                        "i-PI UNIX": sockets[n, True],
+                    }
+                    for mode, calculator in calculators.items():
+                        observe = None
+                        if mode == "remote":  # what the server itself reports per step
+
+                            def observe(c=calculator, seen=server_side[n]) -> None:
+                                seen["queue"].append(c.last_result.queue_seconds)
+                                seen["compute"].append(c.last_result.compute_seconds)
+
+                        times[n][mode].append(time_md(calculator, n, args.steps, observe))
+                        if isinstance(calculator, RemoteCalculator):
+                            calculator.close()
         finally:
-            if server is not None:
-                server.terminate()
-                server.wait(timeout=60)
+            for calculator in sockets.values():
+                calculator.close()
+            server.terminate()
+            server.wait(timeout=60)
+    result = {
+        "conditions": {
+            "model": args.model,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "server": "crossfield serve, default settings, separate process, loopback TCP",
+            "load": "shared machine: other jobs ran; modes interleaved per round",
+        },
+        "sizes": {},
+    }
+    print(f"{'atoms':>5} " + " ".join(f"{m:>13}" for m in MODES) + "   overhead (ms)")
+    for n in SIZES:
+        ms = {m: 1e3 * float(np.median(times[n][m])) for m in MODES}
+        overhead = {m: ms[m] - ms["in-process"] for m in MODES if m != "in-process"}
+        reported = {k: 1e3 * float(np.median(v)) for k, v in server_side[n].items()}
+        # the rest: transport, encoding, the client, the server's I/O (not its model)
+        reported["rest"] = ms["remote"] - reported["queue"] - reported["compute"]
+        result["sizes"][n] = {
+            "step_ms": ms,
+            "overhead_ms": overhead,
+            "remote_server_reports_ms": reported,  # queue wait, compute (graph incl.), rest
+        }
+        print(
+            f"{n:>5} "
+            + " ".join(f"{ms[m]:>10.2f} ms" for m in MODES)
+            + "   "
+            + ", ".join(f"{m} {v:+.2f}" for m, v in overhead.items())
+            + f"; remote's server: queue {reported['queue']:.2f}, compute "
+            f"{reported['compute']:.2f}, rest {reported['rest']:.2f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,20 @@ Two references evaluate the same structures in this process, without gRPC:
       Prometheus metrics), graph building included; the limit the server can approach;
   (b) one at a time: one structure per model call, what a client without a server does.
 
-"busy" is the fraction of the run the server's runner spent computing batches.
+"busy" is the fraction of the run the server's runner spent computing batches. The server
+runs with its default batching settings. Aims (issue 16): molecules >= 0.9 of (a) and
+>= 8x (b); crystals never below (b). Writes ``docs/serve_throughput.json`` and a chart
+beside it (``.png``).
 
-Usage: python bench/serve_throughput.py [--clients 16] [--model default|small] [--quick]
+Usage: python bench/serve_throughput.py [--clients 32] [--model default|small] [--quick]
+       [--out docs/serve_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -25,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--client"]:
         return _client_main(*argv[1:3])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--model", choices=("default", "small"), default="default")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--molecules", type=int, default=384, help="molecules sent per run")
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (1: no spin-wait thrash on small shared machines)",
     )
     parser.add_argument("--quick", action="store_true", help="a quarter of the structures")
+    parser.add_argument("--out", type=Path, default=Path("docs/serve_throughput.json"))
     args = parser.parse_args(argv)
 
     import torch
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'(a) s/s':>9} {'(b) s/s':>9} {'server/(a)':>10} {'server/(b)':>10}"
     )
     print(header)
+    rows = {}
     for kind, count in (
         ("molecules", args.molecules // scale),
         ("crystals", args.crystals // scale),
@@ -238,7 +246,65 @@ def main(argv: list[str] | None = None) -> int:
             f"{busy:>5.0%} {batched:>9.1f} {single:>9.1f} "
             f"{served / batched:>10.2f} {served / single:>10.2f}"
         )
+        rows[kind] = {
+            "structures": count,
+            "mean_atoms": atoms,
+            "server_per_s": served,
+            "mean_batch": batch,
+            "busy": busy,
+            "in_process_batched_per_s": batched,
+            "one_at_a_time_per_s": single,
+            "vs_batched": served / batched,
+            "vs_one_at_a_time": served / single,
+        }
+    result = {
+        "conditions": {
+            "model": args.model,
+            "dtype": args.dtype,
+            "clients": args.clients,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "server": "InferenceServer, default batching settings; clients in another process",
+            "load": "shared machine: other jobs may run",
+        },
+        "workloads": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Server throughput as multiples of the two in-process references, with the aims."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(result["workloads"])
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    ratios = (
+        ("vs_batched", "server / in-process batched"),
+        ("vs_one_at_a_time", "server / one at a time"),
+    )
+    for k, (key, label) in enumerate(ratios):
+        heights = [result["workloads"][kind][key] for kind in kinds]
+        bars = axis.bar([i + 0.4 * k for i in range(len(kinds))], heights, 0.4, label=label)
+        axis.bar_label(bars, fmt="%.2f", fontsize=8)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks([i + 0.2 for i in range(len(kinds))], kinds)
+    axis.set_ylabel("throughput ratio")
+    conditions = result["conditions"]
+    axis.set_title(
+        f"{conditions['clients']} clients, {conditions['model']} model, {conditions['dtype']}, "
+        f"{conditions['cpus']} CPUs (shared)",
+        fontsize=9,
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def register(subparsers) -> None:
         "--max-delay-ms",
         type=float,
         default=5.0,
-        help="longest a structure waits for batch-mates (ms)",
+        help="longest a structure waits at an idle device for the batch-mates it expects "
+        "(after a batch of k, k of them); a lone client never waits (ms)",
     )
     parser.add_argument(
         "--max-queue",
