@@ -19,6 +19,7 @@ import torch
 from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.md.verlet import VelocityVerlet
+from hotload_support import wait_for
 from server_support import (
     request_for,
     runner_held,
@@ -30,6 +31,7 @@ from server_support import (
 
 from crossfield.client import RemoteCalculator
 from crossfield.model import Structure, evaluate, neighbour_list
+from crossfield.server.streams import StreamLimits
 from crossfield.server.wire import decoder
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
 from crossfield.v1.arrays import to_array
@@ -188,6 +190,31 @@ def test_every_step_is_checked_and_a_refused_step_leaves_the_session_going(model
         )
         session.close()
         assert list(session.call) == []
+
+
+def test_an_idle_session_is_ended_and_the_calculator_opens_a_new_one(model) -> None:
+    """A session silent for the server's idle timeout ends UNAVAILABLE, freeing what it
+    held; RemoteCalculator's next step opens a new session and gets the right answer."""
+    atoms = hot_cluster()
+    limits = StreamLimits(idle_timeout=0.5)
+    with running_server({"small": model}, settings={"streams": limits}) as server:
+        session = RawSession(server)
+        assert session.send(start=request_for(water_pair())).status.code == 0
+        atoms.calc = RemoteCalculator(f"127.0.0.1:{server.port}", model="small", head="pbe")
+        atoms.get_forces()
+        with pytest.raises(grpc.RpcError) as raised:
+            next(session.call)  # nothing sent: the server ends the session
+        idle = ("crossfield_streams_ended_total", frozenset({("reason", "idle")}))
+        wait_for(lambda: scrape(server).get(idle) == 2 or None, "both sessions idle", 10)
+        atoms.positions[0] += 0.05
+        forces = atoms.get_forces()  # its session ended too; reopened
+        counted = graphs(server)
+        atoms.calc.close()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "session idle" in raised.value.details()
+    fresh = evaluate(model, [Structure.from_atoms(atoms, head="pbe")])[0]
+    np.testing.assert_allclose(forces, fresh["forces"], rtol=1e-10, atol=1e-12)
+    assert counted == {"rebuilt": 3.0}  # two starts, and the calculator's new start
 
 
 def test_sessions_batch_together(model) -> None:
