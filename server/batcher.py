@@ -150,7 +150,9 @@ class Batcher:
             if not item.queued:
                 return
             item.queued = False
-            item.future.cancel()
+            if not item.future.done() and item.future.cancel():
+                # As an executor does: wakes ``concurrent.futures.wait`` (cancel() does not).
+                item.future.set_running_or_notify_cancel()
             self._uncount(item)
             self._depth.set(self._waiting)
             callbacks = self._take_room_callbacks()

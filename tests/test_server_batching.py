@@ -7,6 +7,8 @@ Structures that should wait together wait while the device is held busy
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 
 import grpc
@@ -26,7 +28,8 @@ from server_support import (
 )
 
 from crossfield.model import Structure, evaluate, neighbour_list
-from crossfield.server.validation import estimate_neighbours
+from crossfield.server.validation import check_request, estimate_neighbours
+from crossfield.server.work import WorkItem
 
 SMALL = frozenset({("model", "small")})
 
@@ -239,3 +242,20 @@ def test_edge_estimate_is_close_for_crystals_and_an_upper_bound_for_molecules(at
         assert 0.7 * edges < estimate < 1.4 * edges
     else:
         assert edges <= estimate
+
+
+def test_a_withdrawn_structure_wakes_whoever_waits_for_it(model) -> None:
+    """Withdrawing a queued structure completes its future as an executor would, so a
+    thread in ``concurrent.futures.wait`` (the relaxation engine's rounds) wakes."""
+    with running_server({"small": model}, max_delay=1.5) as server:
+        served = server.registry.resolve("small")
+        checked = check_request(served, request_for(waters(1)[0]), "pbe")
+        item = WorkItem(checked)
+        with runner_held(server):
+            served.batcher.submit(item)
+            waiter = threading.Thread(target=concurrent.futures.wait, args=([item.future],))
+            waiter.start()
+            served.batcher.withdraw(item)
+            waiter.join(timeout=5.0)
+            assert not waiter.is_alive(), "the withdrawn structure's waiter never woke"
+    assert item.future.cancelled()
