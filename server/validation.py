@@ -104,6 +104,7 @@ def check_configuration(
     if cell is not None and any(pbc):
         _check_cell_layers(cell, pbc, config.r_max)
     frame = _frame(positions, cell, pbc, config.r_max)
+    _check_distinct(frame.positions)
     cost = _cost(frame, cell, config.r_max, limits, served)
     structure = Structure(numbers=numbers, positions=frame.positions, cell=cell, pbc=pbc, head=head)
     return CheckedRequest(
@@ -115,6 +116,23 @@ def check_configuration(
         pairs_bound=cost.bound,
         extrapolated_elements=extrapolated,
     )
+
+
+def _check_distinct(positions: np.ndarray) -> None:
+    """Refuse two atoms on one spot. A zero-length edge has no direction, so the model's
+    output would be non-finite; that is caught after the model runs too, but only once the
+    structure's batch ran, which under load means a whole queue wait for a certain error.
+    Sorting costs ~0.1 ms per thousand atoms."""
+    if len(positions) < 2:
+        return
+    order = np.lexsort(positions.T)
+    ordered = positions[order]
+    same = np.flatnonzero((ordered[1:] == ordered[:-1]).all(axis=1))
+    if len(same):
+        first, second = sorted(order[[same[0], same[0] + 1]])
+        raise InvalidArgumentError(
+            f"structure.positions: atoms {first} and {second} are at the same position"
+        )
 
 
 def _frame(positions: np.ndarray, cell, pbc, r_max: float) -> Frame:

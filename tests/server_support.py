@@ -63,6 +63,28 @@ def small_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> Crossfield
     return build_model(config, seed=seed).to(dtype).eval()
 
 
+def nan_for_element(model: CrossfieldMACE, number: int) -> CrossfieldMACE:
+    """``model`` giving NaN forces on every structure that holds element ``number``: a
+    structure that breaks the model, on demand (validation refuses the inputs that would
+    do it to a real model, such as two atoms on one spot)."""
+    forward = model.forward
+    element = model.config.elements.index(number)
+
+    def poisoned(graph, *args, **kwargs):
+        out = forward(graph, *args, **kwargs)
+        structures = graph.batch[graph.node_elements == element].unique()
+        atoms = torch.isin(graph.batch, structures)
+        out["energy"] = torch.where(
+            torch.isin(torch.arange(len(out["energy"])), structures), torch.nan, out["energy"]
+        )
+        if "forces" in out:
+            out["forces"] = torch.where(atoms[:, None], torch.nan, out["forces"])
+        return out
+
+    model.forward = poisoned
+    return model
+
+
 def structures(count: int, seed: int = 0) -> list[Structure]:
     """Mixed molecules (open boundaries) and crystals (periodic, 8-64 atoms), rattled so
     that no two are alike, cycling through the heads."""

@@ -13,7 +13,7 @@ from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE, LBFGS
-from server_support import running_server, scrape, small_model
+from server_support import nan_for_element, running_server, scrape, small_model
 
 from crossfield.client import Client
 from crossfield.client.relax import relax_request
@@ -100,27 +100,11 @@ def test_batches_stay_full_and_every_structure_is_answered_once() -> None:
     assert atoms_per_batch / batches > 20
 
 
-def nan_for_silicon(model):
-    """``model`` giving NaN forces on every structure that holds silicon."""
-    forward = model.forward
-    silicon = model.config.elements.index(14)
-
-    def poisoned(graph, *args, **kwargs):
-        out = forward(graph, *args, **kwargs)
-        structures = graph.batch[graph.node_elements == silicon].unique()
-        atoms = torch.isin(graph.batch, structures)
-        out["forces"] = torch.where(atoms[:, None], torch.nan, out["forces"])
-        return out
-
-    model.forward = poisoned
-    return model
-
-
 def test_a_structure_whose_forces_blow_up_fails_alone() -> None:
     structures = [molecule("CH4"), molecule("SiH4"), molecule("H2O")]
     for index, atoms in enumerate(structures):
         atoms.rattle(0.1, seed=index)
-    with running_server({"small": nan_for_silicon(small_model())}) as server:
+    with running_server({"small": nan_for_element(small_model(), 14)}) as server:
         client = Client(f"127.0.0.1:{server.port}", model="small")
         results = sorted(
             client.relax_many(structures, fmax=1e-3, max_steps=50), key=lambda r: r.index
