@@ -50,7 +50,7 @@ from .graphs import GraphBuilder
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .responses import encode_result, error_response
-from .streams import StreamLimits, call_deadline, deadline_passed
+from .streams import StreamLimits, call_deadline, deadline_passed, write_response
 from .validation import (
     check_cell,
     check_configuration,
@@ -209,7 +209,7 @@ class MdSession:
                 return message
             received, target = time.monotonic(), Target()
             response, status = await self._answer(message, target)
-            written = await self._write(response)
+            written = await write_response(self._context, response, self._limits)
             if written == "cancelled":
                 status = "CANCELLED"  # never delivered
             record(self._metrics, target, status, received)
@@ -337,22 +337,6 @@ class MdSession:
             served, numbers, positions, cell, pbc, head, properties, extrapolated
         )
         return checked, positions
-
-    async def _write(self, response: inference_pb2.ComputeResponse) -> str:
-        """'written', 'unread' (the client took nothing for the idle timeout) or
-        'cancelled' (the call is gone)."""
-        try:
-            if self._limits.idle_timeout:
-                await asyncio.wait_for(self._context.write(response), self._limits.idle_timeout)
-            else:
-                await self._context.write(response)
-        except asyncio.TimeoutError:
-            return "unread"
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the call ended under the write: the client went away
-            return "cancelled"
-        return "written"
 
 
 def _retrieve(task: asyncio.Future) -> None:

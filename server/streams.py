@@ -152,7 +152,7 @@ class StreamSession:
         while True:
             if self._ready:
                 entry = self._ready.popleft()
-                written = await self._write(entry.response)
+                written = await write_response(self._context, entry.response, self._limits)
                 if written == "cancelled":
                     self._ready.appendleft(entry)  # not delivered: counted at the end
                     return written
@@ -179,22 +179,6 @@ class StreamSession:
             await self._wake.wait()
             if timer is not None:
                 timer.cancel()
-
-    async def _write(self, response: inference_pb2.ComputeResponse) -> str:
-        """'written', 'unread' (the client took nothing for ``idle_timeout``) or
-        'cancelled' (the call is gone)."""
-        try:
-            if self._limits.idle_timeout:
-                await asyncio.wait_for(self._context.write(response), self._limits.idle_timeout)
-            else:
-                await self._context.write(response)
-        except asyncio.TimeoutError:
-            return "unread"
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the call ended under the write: the client went away
-            return "cancelled"
-        return "written"
 
     def _deliver(self, entry: _Entry) -> None:
         self._entries.discard(entry)
@@ -332,6 +316,28 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on ``time.monotonic()``'s clock; None without one."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def write_response(
+    context: grpc.aio.ServicerContext,
+    response: inference_pb2.ComputeResponse,
+    limits: StreamLimits,
+) -> str:
+    """Write one response of a stream (ComputeStream or a session): 'written', 'unread'
+    (the client took nothing for ``limits.idle_timeout``) or 'cancelled' (the call is
+    gone)."""
+    try:
+        if limits.idle_timeout:
+            await asyncio.wait_for(context.write(response), limits.idle_timeout)
+        else:
+            await context.write(response)
+    except asyncio.TimeoutError:
+        return "unread"
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the call ended under the write: the client went away
+        return "cancelled"
+    return "written"
 
 
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
