@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from crossfield.client.errors import CrossfieldError, error_for, from_rpc_error
+from crossfield.client.errors import CrossfieldError, from_rpc_error
+from crossfield.client.results import status_error
 from crossfield.v1 import relax_pb2, relax_pb2_grpc
 from crossfield.v1.arrays import from_array
 from crossfield.v1.messages import structure_message
 
 OPTIMIZERS = {"fire": relax_pb2.OPTIMIZER_FIRE, "lbfgs": relax_pb2.OPTIMIZER_LBFGS}
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass
@@ -155,8 +155,7 @@ def relax_result(index: int, atoms, response: relax_pb2.RelaxResponse) -> RelaxR
         seconds=response.seconds,
     )
     if response.HasField("status") and response.status.code != 0:
-        code = _CODE_NAMES.get(response.status.code, "UNKNOWN")
-        result.error = error_for(code, response.status.message)
+        result.error = status_error(response.status)
     if response.HasField("final"):
         final = response.final
         result.atoms = frame_atoms(atoms, final)

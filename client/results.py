@@ -105,6 +105,14 @@ def retryable_answer(response: inference_pb2.ComputeResponse, retries) -> bool:
     return _CODE_NAMES.get(response.status.code, "UNKNOWN") in retries.retry_on
 
 
+def status_error(status: inference_pb2.Status) -> CrossfieldError:
+    """The error of one streamed answer's non-OK ``status`` (Compute, sessions, Relax)."""
+    code = _CODE_NAMES.get(status.code, "UNKNOWN")
+    if status.poison:  # refused as poison: as the unary trailer says (errors.py)
+        return PoisonStructureError(status.message or status.poison, code, status.poison)
+    return error_for(code, status.message)
+
+
 def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> Result:
     """A Result from a response; a non-OK streamed status becomes ``Result.error``."""
     common = {
@@ -116,13 +124,7 @@ def response_result(response: inference_pb2.ComputeResponse, index: int = 0) -> 
         "compute_seconds": response.compute_seconds,
     }
     if response.HasField("status") and response.status.code != 0:
-        status = response.status
-        code = _CODE_NAMES.get(status.code, "UNKNOWN")
-        if status.poison:  # refused as poison: as the unary trailer says (errors.py)
-            error = PoisonStructureError(status.message or status.poison, code, status.poison)
-        else:
-            error = error_for(code, status.message)
-        return Result(error=error, **common)
+        return Result(error=status_error(response.status), **common)
     values = response_results(response)
     return Result(
         energy=values.get("energy"),
