@@ -57,6 +57,15 @@ def evaluated(metrics) -> float:
     return metrics.get(("crossfield_batch_structures_sum", frozenset({("model", "small")})), 0)
 
 
+def queued(metrics) -> float:
+    """Structures waiting in the queues of every version of model "small"."""
+    return sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name == "crossfield_queue_depth" and dict(labels)["model"] == "small"
+    )
+
+
 def stall(server) -> dict | None:
     """The metrics once evaluation has made no progress for a second (None before)."""
     before = scrape(server)
@@ -165,14 +174,15 @@ def test_deadlines_and_cancellations_are_counted_apart(model) -> None:
     water = request_for(Structure.from_atoms(molecule("H2O"), head="pbe"))
     with running_server({"small": model}, max_delay=3.0) as server, runner_held(server):
         inference = inference_pb2_grpc.InferenceStub(channel_for(server))
+        # Deadlines long enough for a loaded machine to admit every structure before them.
         with pytest.raises(grpc.RpcError) as raised:
-            inference.Compute(water, timeout=0.3)  # waits for the busy device past its deadline
+            inference.Compute(water, timeout=1.0)  # waits for the busy device past its deadline
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(grpc.RpcError) as raised:
-            list(inference.ComputeStream(iter([water] * 4), timeout=0.5))
+            list(inference.ComputeStream(iter([water] * 4), timeout=2.0))
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = inference.Compute.future(water, timeout=30)
-        time.sleep(0.3)
+        wait_for(lambda: queued(scrape(server)) == 1 or None, "the request queued", 10)
         call.cancel()
         wait_for(lambda: sum(statuses(scrape(server)).values()) == 6 or None, "six counts", 5)
         metrics = scrape(server)
