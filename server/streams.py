@@ -164,8 +164,11 @@ class StreamSession:
                     return written
                 continue
             if self._reader_done and not self._outstanding:
-                unfinished = self._stopping and not self._input_done
-                return "stopping" if unfinished else "completed"
+                if self._input_done:
+                    return "completed"
+                # Reading stopped early: the server is stopping, or the call broke under
+                # the reader (the client went away) before gRPC cancelled this handler.
+                return "stopping" if self._stopping else "cancelled"
             if self._stopping and not self._reader_done:
                 reader.cancel()  # nothing more is read; what was read is answered
                 self._reader_done = True
