@@ -192,7 +192,13 @@ class InferenceServer:
         )
         self._service = InferenceService(self.registry, self.metrics, config.streams)
         add_service(server, INFERENCE, self._service)
-        add_service(server, RELAXATION, RelaxService(self.registry, self.relax))
+        add_service(
+            server,
+            RELAXATION,
+            RelaxService(
+                self.registry, self.relax, self.metrics, config.streams, config.max_message_bytes
+            ),
+        )
         services = [
             INFERENCE_SERVICE,
             RELAXATION.full_name,

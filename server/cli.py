@@ -215,7 +215,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-idle-timeout",
         type=float,
         default=120.0,
-        help="seconds a ComputeStream may keep the server waiting (sending nothing while "
+        help="seconds a stream (ComputeStream, ComputeSession, Relax) may keep the server "
+        "waiting (sending nothing while "
         "nothing is in progress, or reading nothing) before it ends UNAVAILABLE; 0: never "
         "(default 120)",
     )
@@ -223,7 +224,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-window-bytes",
         type=int,
         default=8 * 1024 * 1024,
-        help="estimated bytes of structures one stream may have read and not yet delivered; "
+        help="estimated bytes of structures one stream may have read and not yet delivered "
+        "(a Relax structure counts at the size of its largest answer, trajectory included); "
         "beyond it the stream's requests wait (default 8 MiB)",
     )
     group.add_argument(

@@ -128,7 +128,9 @@ class Metrics:
             registry=r,
         )
         self.open_streams = Gauge(
-            "crossfield_open_streams", "ComputeStream and ComputeSession calls open now", registry=r
+            "crossfield_open_streams",
+            "ComputeStream, ComputeSession and Relax calls open now",
+            registry=r,
         )
         self.stream_held_bytes = Gauge(
             "crossfield_stream_held_bytes",
@@ -138,7 +140,7 @@ class Metrics:
         )
         self.streams_ended = Counter(
             "crossfield_streams_ended",
-            "ComputeStream and ComputeSession calls ended, by reason: completed, cancelled, "
+            "ComputeStream, ComputeSession and Relax calls ended, by reason: completed, cancelled, "
             "deadline, idle (the "
             "client sent nothing), unread (the client read nothing), stopping (the server)",
             ["reason"],

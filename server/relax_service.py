@@ -13,9 +13,11 @@ flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections import deque
 
 import grpc
 import numpy as np
@@ -26,10 +28,11 @@ from crossfield.v1.messages import structure_message
 
 from .admission import check_names, describe
 from .errors import InvalidArgumentError, ServeError
+from .metrics import Metrics
 from .models import ModelRegistry
 from .relax_engine import Frame, Outcome, Relaxation, RelaxEngine, Settings
 from .responses import clip, status_code
-from .streams import call_deadline
+from .streams import StreamLimits, call_deadline, deadline_passed, write_response
 from .validation import check_request, resolve_head
 from .wire import Malformed
 
@@ -44,91 +47,211 @@ OPTIMIZER_NAMES = {
 DEFAULT_FMAX = 0.05
 DEFAULT_MAX_STEPS = 500
 MAX_STEPS = 100_000
-_READ_DONE = object()
+ANSWER_OVERHEAD = 512  # bytes of an answer beyond its frames (ids, names, status)
+MESSAGES = {
+    "idle": "relax stream idle: nothing received for {timeout} while nothing was in "
+    "progress (the server's --stream-idle-timeout); open a new stream when there is work",
+    "unread": "relax stream not read: an answer waited {timeout} for the client to take it "
+    "(the server's --stream-idle-timeout); its relaxations were cancelled",
+}
 
 
 class RelaxService(relax_pb2_grpc.RelaxationServicer):
-    def __init__(self, registry: ModelRegistry, engine: RelaxEngine) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        engine: RelaxEngine,
+        metrics: Metrics,
+        limits: StreamLimits,
+        max_message_bytes: int,
+    ) -> None:
         self._registry = registry
         self._engine = engine
+        self._metrics = metrics
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
 
     async def Relax(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await RelaxStream(self._registry, self._engine, context).run(request_iterator)
+        stream = RelaxStream(
+            self._registry,
+            self._engine,
+            context,
+            self._metrics,
+            self._limits,
+            self._max_message_bytes,
+        )
+        await stream.run(request_iterator)
 
 
 class RelaxStream:
-    """One open Relax call (lives on the I/O loop)."""
+    """One open Relax call (lives on the I/O loop).
+
+    It holds what it has read and not yet delivered (structures relaxing, answers not yet
+    written) within ``limits.window_bytes``, counting each structure at the size of its
+    largest answer: a client that sends without reading stops being read, and one that
+    takes no answer for ``limits.idle_timeout`` loses the call (UNAVAILABLE) and its
+    relaxations, so that it cannot pin the server's memory or the relaxation engine."""
 
     def __init__(
-        self, registry: ModelRegistry, engine: RelaxEngine, context: grpc.aio.ServicerContext
+        self,
+        registry: ModelRegistry,
+        engine: RelaxEngine,
+        context: grpc.aio.ServicerContext,
+        metrics: Metrics,
+        limits: StreamLimits,
+        max_message_bytes: int,
     ) -> None:
         self._registry = registry
         self._engine = engine
         self._context = context
+        self._metrics = metrics
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
         self._deadline = call_deadline(context)
         self._loop = asyncio.get_running_loop()
-        self._answers: asyncio.Queue = asyncio.Queue()
-        self._open: dict[str, Relaxation] = {}
+        self._answers: deque[tuple[relax_pb2.RelaxResponse, int]] = deque()  # and its cost
+        self._open: dict[str, tuple[Relaxation, int]] = {}  # id -> (relaxation, cost)
+        self._held = 0  # bytes (estimated) of the open relaxations and unwritten answers
+        self._reading = False  # waiting for the client's next message
+        self._read_done = False
+        self._progress = self._loop.time()  # last message read or answer written
+        self._wake = asyncio.Event()  # an answer, the end of reading, or room
+        self._room = asyncio.Event()
 
     async def run(self, requests) -> None:
+        self._metrics.open_streams.inc()
         reader = asyncio.create_task(self._read(requests))
+        reason = "cancelled"
         try:
-            reading = True
-            while reading or self._open or not self._answers.empty():
-                answer = await self._answers.get()
-                if answer is _READ_DONE:
-                    reading = False
-                    continue
-                await self._context.write(answer)
+            reason = await self._write_all()
+        except asyncio.CancelledError:
+            reason = "deadline" if deadline_passed(self._context) else "cancelled"
+            raise
         finally:
             reader.cancel()
-            for relaxation in list(self._open.values()):  # the call ended under them
+            for relaxation, _ in self._open.values():  # the call ended under them
                 self._engine.cancel(relaxation)
+            self._metrics.stream_held_bytes.dec(self._held)
+            self._metrics.streams_ended.labels(reason).inc()
+            self._metrics.open_streams.dec()
+        if reason in MESSAGES:
+            timeout = f"{self._limits.idle_timeout:g} s"
+            await self._context.abort(
+                grpc.StatusCode.UNAVAILABLE, MESSAGES[reason].format(timeout=timeout)
+            )
+
+    async def _write_all(self) -> str:
+        """Write answers as they come; returns why the stream ends."""
+        timeout = self._limits.idle_timeout
+        while True:
+            if self._answers:
+                answer, cost = self._answers.popleft()
+                written = await write_response(self._context, answer, self._limits)
+                self._release(cost)
+                self._progress = self._loop.time()
+                if written != "written":
+                    return written
+                continue
+            if self._read_done and not self._open:
+                return "completed"
+            self._wake.clear()
+            timer = None
+            if timeout and self._reading and not self._open:
+                left = self._progress + timeout - self._loop.time()
+                if left <= 0:
+                    return "idle"
+                timer = self._loop.call_later(left, self._wake.set)
+            await self._wake.wait()
+            if timer is not None:
+                timer.cancel()
 
     async def _read(self, requests) -> None:
+        iterator = requests.__aiter__()
         try:
-            async for request in requests:
-                self._accept(request, time.monotonic())
+            while True:
+                self._reading = True
+                self._wake.set()  # the idle clock may start now
+                try:
+                    request = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self._reading = False
+                self._progress = self._loop.time()
+                cost = self._cost(request)
+                while self._held and self._held + cost > self._limits.window_bytes:
+                    self._room.clear()
+                    await self._room.wait()
+                self._accept(request, time.monotonic(), cost)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the call is ending under the reader; the writer sees it end
+            log.debug("reading a relax stream ended", exc_info=True)
         finally:
-            self._answers.put_nowait(_READ_DONE)
+            self._read_done = True
+            self._wake.set()
 
-    def _accept(self, request, received: float) -> None:
+    def _cost(self, request) -> int:
+        """Estimated bytes a message holds until its answer is written: its largest answer
+        (every trajectory frame it asked for, and the final one)."""
+        if isinstance(request, Malformed) or request.cancel:
+            return ANSWER_OVERHEAD + len(request.id)
+        frames = 1 + _max_frames(request.settings)
+        return request.ByteSize() + ANSWER_OVERHEAD + frames * _frame_bytes(request)
+
+    def _release(self, cost: int) -> None:
+        self._held -= cost
+        self._metrics.stream_held_bytes.dec(cost)
+        self._room.set()
+
+    def _accept(self, request, received: float, cost: int) -> None:
+        """Start the relaxation ``request`` asks for, or answer it at once."""
+        self._held += cost
+        self._metrics.stream_held_bytes.inc(cost)
         if isinstance(request, Malformed):
-            self._refuse(request.id, InvalidArgumentError(request.message))
+            self._refuse(request.id, InvalidArgumentError(request.message), cost)
             return
         if request.cancel:
-            relaxation = self._open.get(request.id)
-            if relaxation is not None:
-                self._engine.cancel(relaxation)
+            if request.id in self._open:
+                self._engine.cancel(self._open[request.id][0])
+            self._release(cost)  # a cancel has no answer of its own
             return
         if request.id in self._open:
-            self._refuse(request.id, InvalidArgumentError(f"id: {request.id!r} is in flight"))
+            error = InvalidArgumentError(f"id: {request.id!r} is in flight")
+            self._refuse(request.id, error, cost)
             return
         try:
-            relaxation = self._start(request, received)
+            relaxation = self._start(request, received, cost)
             self._engine.submit(relaxation)
         except Exception as err:  # a ServeError, or a bug (then INTERNAL)
             if not isinstance(err, ServeError):
                 log.exception("starting a relaxation failed")
-            self._refuse(request.id, describe(err))
+            self._refuse(request.id, describe(err), cost)
             return
-        self._open[request.id] = relaxation
+        self._open[request.id] = (relaxation, cost)
 
         def done(future) -> None:  # the engine's thread
-            self._loop.call_soon_threadsafe(self._answer, request.id, received, future.result())
+            # A closed loop means the server stopped, and the call with it.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._answer, request.id, received, future.result())
 
         relaxation.future.add_done_callback(done)
 
     def _answer(self, request_id: str, received: float, outcome: Outcome) -> None:
-        self._open.pop(request_id, None)
+        _, cost = self._open.pop(request_id)
         seconds = time.monotonic() - received
-        self._answers.put_nowait(encode_outcome(request_id, outcome, seconds))
+        self._queue(encode_outcome(request_id, outcome, seconds), cost)
 
-    def _refuse(self, request_id: str, error: ServeError) -> None:
-        self._answers.put_nowait(relax_pb2.RelaxResponse(id=request_id, status=_status(error)))
+    def _refuse(self, request_id: str, error: ServeError, cost: int) -> None:
+        self._queue(relax_pb2.RelaxResponse(id=request_id, status=_status(error)), cost)
 
-    def _start(self, request: relax_pb2.RelaxRequest, received: float) -> Relaxation:
-        """Check the structure (as Compute does) and its settings."""
+    def _queue(self, answer: relax_pb2.RelaxResponse, cost: int) -> None:
+        self._answers.append((answer, cost))
+        self._wake.set()
+
+    def _start(self, request: relax_pb2.RelaxRequest, received: float, cost: int) -> Relaxation:
+        """Check the structure (as Compute does), its settings, and that its largest
+        answer fits in one message."""
         check_names(request)
         served = self._registry.resolve(request.model, request.version)
         compute = inference_pb2.ComputeRequest(
@@ -140,6 +263,13 @@ class RelaxStream:
         )
         checked = check_request(served, compute, resolve_head(served, compute))
         settings = check_settings(request.settings, checked.num_atoms, checked.structure.pbc)
+        if cost > self._max_message_bytes:
+            raise InvalidArgumentError(
+                f"settings.trajectory_every: up to {_max_frames(request.settings)} frames of "
+                f"{checked.num_atoms} atoms would need about {cost / 2**20:.1f} MiB, over the "
+                f"server's {self._max_message_bytes / 2**20:.1f} MiB message limit; keep "
+                "fewer frames (a larger trajectory_every or fewer max_steps)"
+            )
         positions = from_array(request.structure.positions, field="structure.positions")
         deadline = self._deadline
         if request.timeout:
@@ -194,6 +324,22 @@ def check_settings(
         fixed=fixed,
         trajectory_every=message.trajectory_every,
     )
+
+
+def _max_frames(settings: relax_pb2.RelaxSettings) -> int:
+    """Trajectory frames an answer may carry (the start, every ``trajectory_every``-th
+    step, and the end)."""
+    if settings.trajectory_every <= 0:
+        return 0
+    steps = min(settings.max_steps or DEFAULT_MAX_STEPS, MAX_STEPS)
+    return steps // settings.trajectory_every + 2
+
+
+def _frame_bytes(request: relax_pb2.RelaxRequest) -> int:
+    """Bytes of one frame of this structure: float64 positions and forces, the numbers,
+    cell and stress, and the frame's own fields."""
+    atoms = request.structure.numbers.shape[0] if request.structure.numbers.shape else 0
+    return 48 * atoms + request.structure.numbers.ByteSize() + 256
 
 
 def encode_outcome(request_id: str, outcome: Outcome, seconds: float) -> relax_pb2.RelaxResponse:

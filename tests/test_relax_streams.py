@@ -1,0 +1,115 @@
+"""A Relax stream's limits, through a real server on loopback: a client that sends and
+never reads holds a bounded window and then loses the call; an idle stream is ended; a
+trajectory that could not fit in one message is refused alone, before any work."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+from ase.build import bulk, molecule
+from hotload_support import wait_for
+from server_support import running_server, scrape, small_model
+
+from crossfield.client.relax import relax_request
+from crossfield.server.streams import StreamLimits
+from crossfield.v1 import relax_pb2_grpc
+
+NAMES = {"model": "small"}
+
+
+def stub_for(server, **options) -> relax_pb2_grpc.RelaxationStub:
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=list(options.items()))
+    return relax_pb2_grpc.RelaxationStub(channel)
+
+
+def finished(metrics) -> float:
+    """Relaxations the engine has ended, whatever their status."""
+    return sum(
+        value
+        for (name, _), value in metrics.items()
+        if name == "crossfield_relaxations_finished_total"
+    )
+
+
+def in_flight(metrics) -> float:
+    return (
+        metrics[("crossfield_relaxations_in_flight", frozenset())]
+        + metrics[("crossfield_relaxations_queued", frozenset())]
+    )
+
+
+def silicon(seed: int):
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)  # 8 atoms
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def test_an_unread_stream_holds_a_bounded_window_then_loses_the_call() -> None:
+    count = 200
+    # every answer carries 12 frames of 8 atoms (~8 KiB): a few fill each window
+    settings = {"fmax": 1e-6, "max_steps": 10, "trajectory_every": 1}
+    requests = [relax_request(silicon(i), str(i), settings, NAMES) for i in range(count)]
+    limits = StreamLimits(idle_timeout=2.0, window_bytes=64 * 1024)
+    with running_server({"small": small_model()}, settings={"streams": limits}) as server:
+        # Without BDP probing the client's HTTP/2 receive window stays at 64 KiB.
+        call = stub_for(server, **{"grpc.http2.bdp_probe": 0}).Relax(iter(requests), timeout=60)
+        key = ("crossfield_streams_ended_total", frozenset({("reason", "unread")}))
+        wait_for(lambda: scrape(server).get(key), "the unread stream to be ended", timeout=30)
+        received = []
+        with pytest.raises(grpc.RpcError) as raised:
+            for response in call:
+                received.append(response)
+        metrics = scrape(server)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "relax stream not read" in raised.value.details()
+    # ~8 structures in the stream's own window and ~8 answers in the transport's
+    assert finished(metrics) < 30, f"{finished(metrics)} of {count} relaxed for nobody"
+    assert 0 < len(received) < 30
+    assert all(len(r.trajectory) == r.steps + 1 for r in received)
+    assert in_flight(metrics) == 0
+    assert metrics[("crossfield_stream_held_bytes", frozenset())] == 0
+    assert metrics[("crossfield_open_streams", frozenset())] == 0
+
+
+def test_an_idle_stream_is_ended_but_not_while_it_relaxes() -> None:
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.1, seed=0)
+    slow = relax_request(atoms, "slow", {"fmax": 1e-9, "max_steps": 400}, NAMES)
+    limits = StreamLimits(idle_timeout=0.5)
+    outbox: queue.Queue = queue.Queue()
+    with running_server({"small": small_model()}, settings={"streams": limits}) as server:
+        call = stub_for(server).Relax(iter(outbox.get, None), timeout=60)
+        outbox.put(slow)
+        answer = next(call)  # relaxing for longer than the idle timeout: not idle
+        ended = threading.Event()
+        with pytest.raises(grpc.RpcError) as raised:
+            try:
+                next(call)
+            finally:
+                ended.set()
+        outbox.put(None)
+    assert answer.id == "slow" and answer.status.code == 0 and answer.steps == 400
+    assert answer.seconds > 2 * limits.idle_timeout
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "relax stream idle" in raised.value.details()
+
+
+def test_a_trajectory_too_big_for_one_message_is_refused_alone() -> None:
+    many_frames = {"fmax": 1e-6, "max_steps": 2000, "trajectory_every": 1}
+    few_frames = {"fmax": 1e-6, "max_steps": 5, "trajectory_every": 1}
+    requests = [
+        relax_request(silicon(0), "huge", many_frames, NAMES),  # 2002 frames of ~0.7 KiB > 1 MiB
+        relax_request(silicon(1), "small", few_frames, NAMES),
+    ]
+    settings = {"max_message_bytes": 1 << 20}
+    with running_server({"small": small_model()}, settings=settings) as server:
+        answers = {r.id: r for r in stub_for(server).Relax(iter(requests), timeout=60)}
+        metrics = scrape(server)
+    refused = answers["huge"].status
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused.message.startswith("settings.trajectory_every: up to 2002 frames of 8 atoms")
+    assert answers["small"].status.code == 0 and len(answers["small"].trajectory) == 6
+    assert finished(metrics) == 1  # the refused one never started
