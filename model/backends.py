@@ -16,6 +16,11 @@ ever waits for a compiler and a backend that computes wrong numbers never serves
   (``backends_cueq.py``, the ``[cueq]`` extra), checked against the e3nn model on every head.
 - ``aot``: an AOTInductor package of energies, forces and stress (``aot.py``), compiled
   once per version, device kind and dtype into ``cache_dir`` and loaded in seconds after.
+- ``auto``: ``aot`` when ``cache_dir`` already holds the model's package (``crossfield
+  compile`` or an earlier ``aot`` start built it), else ``eager``. It is the fastest
+  correct path that never puts a compiler (minutes) in front of the first answer: for
+  MD-sized inputs eager is dominated by Python and per-operation overhead (~12 ms for a
+  water molecule on one CPU thread), which the package removes (docs/aot.json).
 
 Batch sizes. Atom, edge and structure counts are dynamic dimensions of one graph per
 property set. Every batch gets a two-atom dummy structure (:func:`pad_batch`) first, so no
@@ -51,6 +56,7 @@ from .graph import GraphBatch, Structure, build_batch
 from .mace import CrossfieldMACE, derivatives
 
 BACKENDS = ("eager", "compile", "script", "cueq", "aot")
+BACKEND_CHOICES = (*BACKENDS, "auto")  # auto: resolved to one of BACKENDS by compile_model
 SHAPES = ("dynamic", "buckets")
 
 # (compute_forces, compute_stress) combinations a runner asks for. Compiled backends build
@@ -488,12 +494,15 @@ def compile_model(
     Raises ``BackendUnavailableError`` when the backend cannot run here, ``ValueError`` for
     unknown names or a model the backend cannot represent.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
     if shapes not in SHAPES:
         raise ValueError(f"shapes: unknown mode {shapes!r}; choose one of {SHAPES}")
     device = torch.device(device) if device is not None else model.e0s.device
     dtype = dtype or model.dtype
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if backend == "auto":
+        backend = ready_backend(model, dtype, device, cache)
     if backend == "aot":
         from .aot import check_exportable
 
@@ -514,7 +523,6 @@ def compile_model(
     inference = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     inference.requires_grad_(False)
     inference.metadata = dict(getattr(model, "metadata", {}))
-    cache = Path(cache_dir) if cache_dir is not None else None
     if backend == "cueq":
         from .backends_cueq import cueq_model
 
@@ -529,6 +537,28 @@ def compile_model(
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
     return CompiledModel(inference, backend, shapes, cache)
+
+
+def ready_backend(
+    model: CrossfieldMACE, dtype: torch.dtype, device: torch.device, cache: Path | None
+) -> str:
+    """What ``auto`` runs: ``aot`` when ``cache`` holds the package of ``model`` in
+    ``dtype`` on ``device``'s kind, else ``eager``."""
+    from .aot import artefact_name
+
+    if cache is None or model.config.product == "element":
+        return "eager"
+    converted = model if (model.dtype, model.e0s.device) == (dtype, device) else None
+    if converted is None:
+        converted = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return "aot" if (cache / "aot" / artefact_name(converted, device)).exists() else "eager"
+
+
+def default_cache_dir() -> Path:
+    """Where compiled artefacts live unless told otherwise: one cache per user, shared by
+    ``crossfield compile``, ``crossfield serve`` and ``CrossfieldCalculator``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crossfield"
 
 
 def scalar_buffers_as_vectors(model: torch.nn.Module) -> None:

@@ -16,6 +16,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from crossfield.model.backends import compile_model, default_cache_dir, ready_backend
 from crossfield.model.graph import Structure, build_batch
 
 
@@ -28,6 +29,14 @@ class CrossfieldCalculator(Calculator):
     only when asked for (it costs a strain derivative that MD does not need) and only for
     periodic structures, where it is defined; once asked for, it comes with every later
     evaluation, so that ``get_forces`` then ``get_stress`` (a cell filter) is one pass.
+
+    ``backend`` is how the model runs (``crossfield.model.backends``). The default,
+    ``auto``, runs the AOTInductor package of this model, dtype and device when
+    ``cache_dir`` (default: the user's cache, shared with ``crossfield compile`` and
+    ``crossfield serve``) holds one, else the module eagerly: a water molecule's step is
+    ~5x faster through the package on a CPU, and nothing is compiled behind the caller's
+    back. ``self.backend`` says which one runs. Compiled backends are checked against eager
+    on every head before the first step.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -38,6 +47,8 @@ class CrossfieldCalculator(Calculator):
         head: str | None = None,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
+        backend: str = "auto",
+        cache_dir: str | Path | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -51,7 +62,14 @@ class CrossfieldCalculator(Calculator):
         current = next(model.parameters())
         if current.dtype != dtype or current.device != torch.device(device):
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        if backend == "auto":
+            backend = ready_backend(model, dtype, torch.device(device), cache)
+        if backend != "eager":
+            model = compile_model(model, backend, dtype, device, cache)
+            model.warm_up()
         self.model = model
+        self.backend = backend
         self.head = head
         self.dtype = dtype
         self.device = torch.device(device)

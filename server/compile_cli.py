@@ -1,11 +1,12 @@
 """``crossfield compile``: build a version's AOTInductor package once, ahead of serving.
 
-A server started with ``--backend aot`` loads a package matching its model, dtype and
-device kind from its compile cache in seconds, and compiles one itself (minutes) only when
-none matches. This command builds that package into the same cache beforehand, from a
-checkpoint, a mace-torch ``.model`` or a repository version, on a machine of the kind that
-will serve it, and checks it against eager on every head as the server would
-(``model/aot.py``).
+A server (``--backend auto``, the default, or ``aot``) and ``CrossfieldCalculator`` load a
+package matching their model, dtype and device kind from the compile cache in a fraction
+of a second and run small structures 2-5x faster than eager; without one, ``auto`` runs
+eager and ``aot`` compiles (minutes) at start. This command builds that package into the
+cache beforehand, from a checkpoint, a mace-torch ``.model``, a repository version or (no
+arguments) the shipped default model, on a machine of the kind that will run it, and
+checks it against eager on every head as the server would (``model/aot.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint or mace-torch .model")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a checkpoint or mace-torch .model (default, without --repo: the shipped "
+        "default model, which 'crossfield serve' serves without arguments)",
+    )
     source.add_argument("--repo", type=Path, help="a model repository (with --name)")
     parser.add_argument("--name", help="the model's name in --repo")
     parser.add_argument("--version", type=int, default=None, help="default: the newest")
@@ -44,6 +50,10 @@ def model_file(args: argparse.Namespace) -> Path:
     """The file to compile: ``--checkpoint``, or a version of ``--name`` in ``--repo``."""
     if args.checkpoint is not None:
         return args.checkpoint
+    if args.repo is None:
+        from crossfield.model.presets import DEFAULT_CHECKPOINT
+
+        return DEFAULT_CHECKPOINT
     from crossfield.model.repository import list_versions, version_path
 
     from .repository_files import checkpoint_file
@@ -63,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from crossfield.model.aot import artefact_name
-    from crossfield.model.backends import compile_model
+    from crossfield.model.backends import compile_model, default_cache_dir
     from crossfield.model.loading import load_model_file
-
-    from .cli import default_cache_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ version that started it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,15 @@ import numpy as np
 import torch
 
 from crossfield.model import CrossfieldMACE, Structure, evaluate
-from crossfield.model.backends import BACKENDS, compile_model
+from crossfield.model.backends import BACKEND_CHOICES, compile_model, ready_backend
 
 from .batcher import Batcher, BatchLimits
 from .errors import NotFoundError, UnavailableError
 from .metrics import Metrics
 from .provenance import public_metadata
 from .runner import Runner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -64,8 +67,10 @@ class Backend:
     shapes: str = "dynamic"
 
     def __post_init__(self) -> None:
-        if self.name not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {self.name!r}; choose one of {BACKENDS}")
+        if self.name not in BACKEND_CHOICES:
+            raise ValueError(
+                f"backend: unknown backend {self.name!r}; choose one of {BACKEND_CHOICES}"
+            )
 
 
 def serve_model(
@@ -92,12 +97,25 @@ def serve_model(
     model = model.to(device=runner.device, dtype=dtype).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if backend.name != "eager":
+    kind = backend.name
+    if kind == "auto":
+        kind = ready_backend(model, dtype, runner.device, backend.cache_dir)
+        log.info(
+            "%s version %s: backend auto runs %s%s",
+            name,
+            version,
+            kind,
+            ""
+            if kind == "aot"
+            else " (no compiled package in the cache: 'crossfield compile' "
+            "builds one, 2-5x faster for small structures)",
+        )
+    if kind != "eager":
         compiled = compile_model(
-            model, backend.name, dtype, runner.device, backend.cache_dir, backend.shapes
+            model, kind, dtype, runner.device, backend.cache_dir, backend.shapes
         )
         report = compiled.warm_up()
-        metrics.model_compile_seconds.labels(name, version, backend.name).set(report.seconds)
+        metrics.model_compile_seconds.labels(name, version, kind).set(report.seconds)
         model = compiled
     warm_up(model)
     served = ServedModel(
@@ -107,7 +125,7 @@ def serve_model(
         batcher=Batcher(model, name, runner, limits, metrics, version),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=public_metadata(dict(metadata or {})),  # clients see it: no paths
-        backend=backend.name,
+        backend=kind,
     )
     metrics.model_loaded.labels(name, version, served.dtype, served.device).set(1)
     return served

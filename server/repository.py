@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from crossfield.model import CrossfieldMACE
-from crossfield.model.backends import BACKENDS
+from crossfield.model.backends import BACKEND_CHOICES
 from crossfield.model.repository import check_model_name, version_path
 
 from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -150,8 +150,8 @@ def read_settings(root: Path, name: str, default: VersionPolicy) -> ModelSetting
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     backend = config.get("backend")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{path}: backend: {backend!r} is not one of {list(BACKENDS)}")
+    if backend is not None and backend not in BACKEND_CHOICES:
+        raise ValueError(f"{path}: backend: {backend!r} is not one of {list(BACKEND_CHOICES)}")
     return ModelSettings(policy, backend)
 
 

@@ -14,8 +14,10 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import pytest
 import torch
+from ase.build import bulk
 from backends_support import HEADS, assert_matches, mixed_batches, structure_pool, tiny_model
 from client_support import free_port
 from server_support import assert_close, request_for
@@ -23,6 +25,7 @@ from server_support import assert_close, request_for
 from crossfield.model import evaluate, save_checkpoint
 from crossfield.model.aot import artefact_key, device_kind
 from crossfield.model.backends import compile_model
+from crossfield.model.calculator import CrossfieldCalculator
 from crossfield.v1 import inference_pb2_grpc
 from crossfield.v1.arrays import from_array
 
@@ -70,15 +73,27 @@ def test_compiled_once_then_served_from_the_cache_in_seconds(tmp_path):
         assert_matches(got, want, 1e-10)
         assert sorted(loaded(batch, compute_forces=False)) == ["energy", "node_energy"]
 
-    # A server restarted on that cache serves in seconds and answers as eager.
+    # The calculator's default backend (auto) finds the package and runs it.
+    calculator = CrossfieldCalculator(model, HEADS[0], torch.float64, cache_dir=cache)
+    assert calculator.backend == "aot"
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    atoms.calc = calculator
+    reference = CrossfieldCalculator(model, HEADS[0], torch.float64, backend="eager")
+    np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(atoms), atol=1e-10)
+
+    # A server restarted on that cache with the default backend (auto) finds the package:
+    # it serves in seconds and answers as eager.
     port = free_port()
-    serve = [*base, "serve", "--checkpoint", str(checkpoint), "--name", "tiny", "--backend"]
-    serve += ["aot", "--compile-cache", str(cache), "--dtype", "float64", "--port", str(port)]
+    serve = [*base, "serve", "--checkpoint", str(checkpoint), "--name", "tiny"]
+    serve += ["--compile-cache", str(cache), "--dtype", "float64", "--port", str(port)]
     serve += ["--metrics-port", "-1"]
     start = time.monotonic()
     server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
     try:
         for line in server.stdout:
+            log.append(line)
             if "listening on port" in line:
                 break
         else:
@@ -97,3 +112,4 @@ def test_compiled_once_then_served_from_the_cache_in_seconds(tmp_path):
     assert {s.head for s in pool} == set(HEADS)
     assert report.seconds < 30.0, f"{report.seconds:.1f} s to load and check the package"
     assert to_serving < 60.0, f"{to_serving:.1f} s to serving from a warm compile cache"
+    assert any("backend auto runs aot" in line for line in log), "".join(log)

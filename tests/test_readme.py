@@ -35,7 +35,8 @@ ADDRESS = "localhost:50051"
 NOT_RUN = {
     "python3 -m venv .venv": "creates a fresh environment; CI runs the test line (.ci/run)",
     "pip install .": "installs into the environment; the wheel build was checked by hand",
-    "crossfield serve --backend compile": "serves until stopped; tests/test_backends_server.py",
+    "crossfield compile  ": "compiles for minutes, then serves until stopped; "
+    "tests/test_backends_aot.py (slow) runs compile then serve from its cache",
     "import torch\nfrom ase.build import bulk\nfrom crossfield.model import Structure, evaluate\n"
     "from crossfield.model.backends": "compiles for minutes; tests/test_backends_compile.py",
     "crossfield import-mace mace-mh-1.model": "needs MACE-MH-1, which cannot be downloaded "
