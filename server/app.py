@@ -109,6 +109,7 @@ class InferenceServer:
         self._io: LoopThread | None = None
         self._grpc: grpc.aio.Server | None = None
         self._service: InferenceService | None = None
+        self._relax_service: RelaxService | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stopping = False
         self._http = None
@@ -192,13 +193,10 @@ class InferenceServer:
         )
         self._service = InferenceService(self.registry, self.metrics, config.streams)
         add_service(server, INFERENCE, self._service)
-        add_service(
-            server,
-            RELAXATION,
-            RelaxService(
-                self.registry, self.relax, self.metrics, config.streams, config.max_message_bytes
-            ),
+        self._relax_service = RelaxService(
+            self.registry, self.relax, self.metrics, config.streams, config.max_message_bytes
         )
+        add_service(server, RELAXATION, self._relax_service)
         services = [
             INFERENCE_SERVICE,
             RELAXATION.full_name,
@@ -272,4 +270,5 @@ class InferenceServer:
 
     async def _stop_grpc(self, grace: float) -> None:
         self._service.stop_streams()
+        self._relax_service.stop_streams()
         await self._grpc.stop(grace)

@@ -53,6 +53,8 @@ MESSAGES = {
     "progress (the server's --stream-idle-timeout); open a new stream when there is work",
     "unread": "relax stream not read: an answer waited {timeout} for the client to take it "
     "(the server's --stream-idle-timeout); its relaxations were cancelled",
+    "stopping": "server stopping: every relaxation of this stream was answered, those not "
+    "finished UNAVAILABLE with their last state, from which another server can go on",
 }
 
 
@@ -70,6 +72,15 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
         self._metrics = metrics
         self._limits = limits
         self._max_message_bytes = max_message_bytes
+        self._streams: set[RelaxStream] = set()
+        self._stopping = False
+
+    def stop_streams(self) -> None:
+        """The server stops (after the engine answered every relaxation): each open stream
+        writes its answers and ends UNAVAILABLE (call on the I/O loop)."""
+        self._stopping = True
+        for stream in self._streams:
+            stream.stop()
 
     async def Relax(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = RelaxStream(
@@ -80,7 +91,13 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
             self._limits,
             self._max_message_bytes,
         )
-        await stream.run(request_iterator)
+        self._streams.add(stream)
+        if self._stopping:
+            stream.stop()
+        try:
+            await stream.run(request_iterator)
+        finally:
+            self._streams.discard(stream)
 
 
 class RelaxStream:
@@ -114,9 +131,15 @@ class RelaxStream:
         self._held = 0  # bytes (estimated) of the open relaxations and unwritten answers
         self._reading = False  # waiting for the client's next message
         self._read_done = False
+        self._stopping = False
         self._progress = self._loop.time()  # last message read or answer written
         self._wake = asyncio.Event()  # an answer, the end of reading, or room
         self._room = asyncio.Event()
+
+    def stop(self) -> None:
+        """The server stops: read nothing more, write what is answered, then end."""
+        self._stopping = True
+        self._wake.set()
 
     async def run(self, requests) -> None:
         self._metrics.open_streams.inc()
@@ -154,6 +177,8 @@ class RelaxStream:
                 continue
             if self._read_done and not self._open:
                 return "completed"
+            if self._stopping and not self._open:
+                return "stopping"
             self._wake.clear()
             timer = None
             if timeout and self._reading and not self._open:

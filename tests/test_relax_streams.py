@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -84,12 +85,8 @@ def test_an_idle_stream_is_ended_but_not_while_it_relaxes() -> None:
         call = stub_for(server).Relax(iter(outbox.get, None), timeout=60)
         outbox.put(slow)
         answer = next(call)  # relaxing for longer than the idle timeout: not idle
-        ended = threading.Event()
         with pytest.raises(grpc.RpcError) as raised:
-            try:
-                next(call)
-            finally:
-                ended.set()
+            next(call)
         outbox.put(None)
     assert answer.id == "slow" and answer.status.code == 0 and answer.steps == 400
     assert answer.seconds > 2 * limits.idle_timeout
@@ -113,3 +110,31 @@ def test_a_trajectory_too_big_for_one_message_is_refused_alone() -> None:
     assert refused.message.startswith("settings.trajectory_every: up to 2002 frames of 8 atoms")
     assert answers["small"].status.code == 0 and len(answers["small"].trajectory) == 6
     assert finished(metrics) == 1  # the refused one never started
+
+
+def test_stopping_answers_each_relaxation_with_its_last_state_then_ends_the_stream() -> None:
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.1, seed=0)
+    never = relax_request(atoms, "never", {"fmax": 1e-12, "max_steps": 100000}, NAMES)
+    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
+    outbox: queue.Queue = queue.Queue()
+    with running_server({"small": small_model()}, settings={"grace": 20.0}) as server:
+        call = stub_for(server).Relax(iter(outbox.get, None), timeout=60)
+        outbox.put(never)
+        wait_for(lambda: scrape(server).get(steps, 0) > 5 or None, "some steps", timeout=30)
+        start = time.monotonic()
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        answers = []
+        with pytest.raises(grpc.RpcError) as raised:
+            for response in call:
+                answers.append(response)
+        stopper.join(timeout=30)
+        elapsed = time.monotonic() - start
+        outbox.put(None)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "server stopping" in raised.value.details()
+    (answer,) = answers
+    assert answer.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert answer.steps > 5 and len(answer.final.forces.data) > 0  # where to go on from
+    assert elapsed < 10.0, f"stopping took {elapsed:.1f} s: the open Relax stream held it"
