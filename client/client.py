@@ -184,8 +184,9 @@ class Client:
         """Relax ASE ``structures`` on the server, all in flight together with every other
         client's; results as they finish. ``settings``: ``optimizer`` ("fire" or
         "lbfgs"), ``fmax``, ``max_steps``, ``relax_cell``, ``trajectory_every``,
-        ``timeout`` (per structure), ``model``/``version``/``head``, ``max_in_flight``;
-        see :func:`crossfield.client.relax.relax_many`."""
+        ``timeout`` (per structure), ``model``/``version``/``head``, ``max_in_flight``.
+        A server that stops hands its unfinished structures on to the next one, from their
+        last state; see :func:`crossfield.client.relax.relax_many`."""
         return relax_many(self, structures, **settings)
 
     # -- streaming ----------------------------------------------------------------------------

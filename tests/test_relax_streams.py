@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from ase.build import bulk, molecule
 from hotload_support import wait_for
 from server_support import running_server, scrape, small_model
 
+from crossfield.client import Client
 from crossfield.client.relax import relax_request
 from crossfield.server.streams import StreamLimits
 from crossfield.v1 import relax_pb2_grpc
@@ -39,6 +41,12 @@ def in_flight(metrics) -> float:
     return (
         metrics[("crossfield_relaxations_in_flight", frozenset())]
         + metrics[("crossfield_relaxations_queued", frozenset())]
+    )
+
+
+def relax_steps(server) -> float:
+    return server.metrics.registry.get_sample_value(
+        "crossfield_relax_steps_total", {"model": "small"}
     )
 
 
@@ -138,3 +146,37 @@ def test_stopping_answers_each_relaxation_with_its_last_state_then_ends_the_stre
     assert answer.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert answer.steps > 5 and len(answer.final.forces.data) > 0  # where to go on from
     assert elapsed < 10.0, f"stopping took {elapsed:.1f} s: the open Relax stream held it"
+
+
+def test_relax_many_goes_on_from_the_last_state_when_its_server_stops() -> None:
+    structures = []
+    for index in range(6):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.1, seed=index)
+        structures.append(atoms)
+    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
+    with (
+        running_server({"small": small_model()}) as first,
+        running_server({"small": small_model()}) as second,
+    ):
+        client = Client([f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"], model="small")
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(
+                lambda: list(
+                    client.relax_many(structures, fmax=1e-4, max_steps=400, trajectory_every=1)
+                )
+            )
+            wait_for(lambda: scrape(first).get(steps, 0) > 60 or None, "steps on the first", 60)
+            first.stop()  # answers every structure UNAVAILABLE with its last state
+            first_steps = relax_steps(first)  # the server's own registry: HTTP is down
+            results = sorted(running.result(timeout=120), key=lambda r: r.index)
+        second_steps = relax_steps(second)
+        client.close()
+    assert [r.index for r in results] == list(range(len(structures)))
+    assert all(r.ok for r in results), [r.error for r in results]
+    # Every evaluation but the first of each structure on each server is a step; one in
+    # flight when the first server stopped was evaluated but is no step (at most 6).
+    evaluations = first_steps + second_steps - 2 * len(structures)
+    assert 0 <= evaluations - sum(r.steps for r in results) <= len(structures)
+    assert all(len(r.trajectory) == r.steps + 1 for r in results)  # joined, nothing twice
+    assert second_steps > 0
