@@ -14,9 +14,11 @@ import pytest
 from ase.build import bulk, molecule
 from hotload_support import wait_for
 from server_support import running_server, scrape, small_model
+from soak_support import load_soak
 
 from crossfield.client import Client
 from crossfield.client.relax import relax_request
+from crossfield.model import save_checkpoint
 from crossfield.server.streams import StreamLimits
 from crossfield.v1 import relax_pb2_grpc
 
@@ -180,3 +182,37 @@ def test_relax_many_goes_on_from_the_last_state_when_its_server_stops() -> None:
     assert 0 <= evaluations - sum(r.steps for r in results) <= len(structures)
     assert all(len(r.trajectory) == r.steps + 1 for r in results)  # joined, nothing twice
     assert second_steps > 0
+
+
+def test_relax_many_starts_again_elsewhere_when_its_server_vanishes(tmp_path) -> None:
+    soak = load_soak()
+    model = small_model()
+    checkpoint = tmp_path / "small.pt"
+    save_checkpoint(model, checkpoint)
+    structures = []
+    for index in range(4):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.1, seed=index)
+        structures.append(atoms)
+    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
+    vanishing = soak.ServerProcess.start(checkpoint)
+    try:
+        with running_server({"small": model}) as second:
+            addresses = [f"127.0.0.1:{vanishing.port}", f"127.0.0.1:{second.port}"]
+            client = Client(addresses, model="small")
+            with ThreadPoolExecutor(1) as pool:
+                running = pool.submit(
+                    lambda: list(client.relax_many(structures, fmax=1e-4, max_steps=150))
+                )
+                wait_for(lambda: scrape(vanishing).get(steps, 0) > 40 or None, "steps", 60)
+                vanishing.process.kill()  # no word to anyone: the stream just breaks
+                results = sorted(running.result(timeout=120), key=lambda r: r.index)
+            metrics = scrape(second)
+            client.close()
+    finally:
+        vanishing.stop()
+    assert [r.index for r in results] == list(range(len(structures)))
+    assert all(r.ok for r in results), [r.error for r in results]
+    # started again from the input on the second server, where every one finished
+    assert all(0 < r.steps <= 150 for r in results)
+    assert finished(metrics) == len(structures)
