@@ -52,7 +52,7 @@ class GraphBuilder:
         kept, graphs = [], []
         for item in items:
             try:
-                if item.graph_source is not None:  # an MD session's kept neighbour list
+                if item.graph_source is not None:  # a kept Verlet list (session, relaxation)
                     graph = item.graph_source(model, self)
                 else:
                     graph = self.graph(model, item.request)

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -53,6 +54,7 @@ from .relax_cell import Coordinates
 from .relax_metrics import RelaxMetrics
 from .relax_optimizers import OPTIMIZERS, max_force
 from .validation import check_request
+from .verlet import SKIN, VerletList
 from .work import CheckedRequest, StructureResult, WorkItem
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class Relaxation:
     trajectory: list[Frame] = field(default_factory=list)
     cancelled: bool = False
     item: WorkItem | None = None  # its force evaluation in flight (engine's thread only)
+    verlet: VerletList | None = None  # its neighbour list between steps (the engine's)
 
     def __post_init__(self) -> None:
         structure = self.checked.structure
@@ -350,6 +353,12 @@ class RelaxEngine:
         except ServeError as err:
             return err
         relaxation.item = WorkItem(checked, deadline=relaxation.deadline)
+        if relaxation.verlet is None:
+            relaxation.verlet = VerletList(SKIN, self._metrics.graphs)
+        positions = relaxation.coordinates.positions.copy()  # as the optimiser moved them
+        relaxation.item.graph_source = partial(
+            relaxation.verlet.graph, request=checked, positions=positions
+        )
         return None
 
     def _submit(self, relaxation: Relaxation) -> ServeError | None:

@@ -44,3 +44,11 @@ class RelaxMetrics:
             buckets=STEP_BUCKETS,
             registry=registry,
         )
+        self.graphs = Counter(
+            "crossfield_relax_graphs",
+            "Graphs of relaxation steps: the structure's neighbour list reused (masked to "
+            "the cutoff) or rebuilt (an atom moved more than half the skin, or the cell "
+            "changed: every step of a cell relaxation)",
+            ["outcome"],
+            registry=registry,
+        )

@@ -5,12 +5,10 @@ session keeps what does not change (atoms, periodicity, head, the checks that de
 them) and the structure's neighbour list between steps, so a step costs the server the
 checks its new positions need and a masked neighbour list instead of a new one.
 
-- **Verlet list** (``VerletList``): pairs within ``r_max + skin`` of the positions it was
-  built on. While no atom has moved more than ``skin / 2`` (and the cell is unchanged),
-  every pair within ``r_max`` is among them, so a step keeps those within ``r_max`` and
-  gets exactly the edges a new neighbour list would give; a move beyond that rebuilds
-  it. Each step is evaluated on its own canonical frame (``neighbours.canonical_frame``),
-  as a Compute request is, so its answer is Compute's answer.
+- **Verlet list** (``verlet.VerletList``): kept between steps and rebuilt only when an
+  atom has moved more than half the skin or the cell changed; each step gets exactly the
+  edges a new neighbour list would give, on its own canonical frame, so its answer is
+  Compute's answer.
 - **The same road as every request.** A step is checked (``validation.check_configuration``:
   coordinates, canonical frame, graph cost) on the I/O loop, queued at its model's batcher
   (sessions batch with each other and with everyone else) and its graph is built in the
@@ -39,14 +37,10 @@ from functools import partial
 import grpc
 import numpy as np
 
-from crossfield.model import CrossfieldMACE
-from crossfield.model.graph import StructureGraph
 from crossfield.v1 import inference_pb2
 
 from .admission import RESOLVE_ATTEMPTS, Target, check_names, describe, record
 from .errors import InvalidArgumentError, ServeError, UnavailableError
-from .graph_cost import check_edges, count_pairs, quick_bound
-from .graphs import GraphBuilder
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .responses import encode_result, error_response
@@ -59,14 +53,11 @@ from .validation import (
     check_request,
     resolve_head,
 )
+from .verlet import SKIN, VerletList
 from .wire import Malformed
 from .work import CheckedRequest, WorkItem
 
 log = logging.getLogger(__name__)
-
-# A beyond the cutoff that a session's neighbour list reaches. Below neighbours.GAP (1 A):
-# no pair within the list's reach may cross a gap that the canonical frame closes.
-SKIN = 0.5
 
 MESSAGES = {
     "idle": "session idle: no step for {timeout} (the server's --stream-idle-timeout); "
@@ -76,76 +67,6 @@ MESSAGES = {
     "stopping": "server stopping: resume the session on another server from its last "
     "structure (send it as the start of a new session)",
 }
-
-
-class VerletList:
-    """The neighbour list an MD session keeps between steps: pairs within ``r_max + skin``
-    of the positions it was built on, as (sender, receiver, unit shifts) of the positions
-    as sent, so that they stay valid while atoms move continuously (MD positions are not
-    wrapped back into the cell)."""
-
-    def __init__(self, skin: float, metrics: Metrics) -> None:
-        self.skin = skin
-        self._metrics = metrics
-        self._cutoff = 0.0  # the list's reach; 0: not built yet
-        self._reference = np.zeros((0, 3))  # positions it was built on
-        self._cell: np.ndarray | None = None
-        self._sender = self._receiver = np.zeros(0, dtype=np.int64)
-        self._shifts = np.zeros((0, 3), dtype=np.int64)
-
-    def graph(
-        self,
-        model: CrossfieldMACE,
-        builder: GraphBuilder,
-        request: CheckedRequest,
-        positions: np.ndarray,
-    ) -> StructureGraph:
-        """The graph of ``request`` (its canonical frame), whose ``positions`` as sent are
-        compared with the list's; rebuilt first where the list no longer covers them."""
-        r_max = model.config.r_max
-        frame, cell = request.frame, request.structure.cell
-        if self._stale(positions, cell, r_max + self.skin):
-            self._build(builder, request, positions, r_max + self.skin)
-            self._metrics.session_graphs.labels("rebuilt").inc()
-        else:
-            self._metrics.session_graphs.labels("reused").inc()
-        sender, receiver = self._sender, self._receiver
-        # Shifts for the canonical positions: input = canonical + wraps @ cell per atom (and
-        # a translation shared by every atom within reach of each other).
-        shifts = self._shifts - frame.wraps[sender] + frame.wraps[receiver]
-        vectors = frame.positions[receiver] - frame.positions[sender]
-        if frame.periodic.any():
-            vectors += shifts @ cell
-        keep = np.einsum("ij,ij->i", vectors, vectors) < r_max * r_max
-        graph = StructureGraph(frame.positions, sender[keep], receiver[keep], shifts[keep])
-        check_edges(graph.num_edges, request.num_atoms, model, builder.limits, exact=True)
-        return graph
-
-    def _stale(self, positions: np.ndarray, cell: np.ndarray | None, cutoff: float) -> bool:
-        if cutoff != self._cutoff or len(positions) != len(self._reference):
-            return True
-        if (cell is None) != (self._cell is None) or (
-            cell is not None and not np.array_equal(cell, self._cell)
-        ):
-            return True
-        moved = positions - self._reference
-        return float(np.einsum("ij,ij->i", moved, moved).max()) > 0.25 * self.skin**2
-
-    def _build(
-        self, builder: GraphBuilder, request: CheckedRequest, positions: np.ndarray, cutoff: float
-    ) -> None:
-        """Pairs within ``cutoff`` of the request's frame, found where its bound says (the
-        validation's bound is for the cutoff alone; the skin reaches further)."""
-        frame = request.frame
-        bound = quick_bound(frame, request.num_atoms, cutoff)
-        if bound > builder.limits.in_process_pairs:
-            bound = count_pairs(frame, cutoff).bound
-        sender, receiver, shifts = builder.pairs(frame, cutoff, bound)
-        self._shifts = shifts + frame.wraps[sender] - frame.wraps[receiver]
-        self._sender, self._receiver = sender, receiver
-        self._reference = positions.copy()
-        self._cell = None if request.structure.cell is None else request.structure.cell.copy()
-        self._cutoff = cutoff
 
 
 @dataclass
@@ -174,7 +95,7 @@ class MdSession:
         self._limits = limits
         self._context = context
         self._deadline = call_deadline(context)
-        self._verlet = VerletList(skin, metrics)
+        self._verlet = VerletList(skin, metrics.session_graphs)
         self._structure: _Structure | None = None
         self._stopped = asyncio.get_running_loop().create_future()
 
@@ -308,7 +229,7 @@ class MdSession:
         limit = served.batcher.limits.graphs.max_coordinate
         positions = check_positions(request.structure, checked.num_atoms, limit)
         self._structure = _Structure(request, served, checked, checked.structure.cell)
-        self._verlet = VerletList(self._verlet.skin, self._metrics)
+        self._verlet = VerletList(self._verlet.skin, self._metrics.session_graphs)
         return checked, positions
 
     def _step(

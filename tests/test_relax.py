@@ -56,9 +56,15 @@ def test_relaxations_match_ase_in_process() -> None:
     with running_server({"default": model}) as server:
         client = Client(f"127.0.0.1:{server.port}")
         for name, atoms, head, optimizer, relax_cell in cases():
+            before = graphs(server)
             (result,) = client.relax_many(
                 [atoms], head=head, optimizer=optimizer, relax_cell=relax_cell, fmax=FMAX
             )
+            reused, rebuilt = (graphs(server)[k] - before[k] for k in ("reused", "rebuilt"))
+            # Each step's graph comes from the structure's Verlet list: reused while atoms
+            # move little, rebuilt for every new cell. Equal to ASE all the same (below).
+            assert reused + rebuilt == result.steps + 1, name
+            assert (reused == 0) if relax_cell else (reused > rebuilt), (name, reused, rebuilt)
             assert result.ok and result.converged, (name, result.error)
             reference, steps = ase_relax(atoms, model, head, optimizer, relax_cell)
             # the same optimiser on the same forces takes the same steps, to round-off
@@ -73,6 +79,17 @@ def test_relaxations_match_ase_in_process() -> None:
             if relax_cell:
                 assert not np.allclose(got.cell.array, atoms.cell.array), name
         client.close()
+
+
+def graphs(server) -> dict[str, float]:
+    """Graphs of relaxation steps so far, by outcome (reused, rebuilt)."""
+    metrics = scrape(server)
+    return {
+        outcome: metrics.get(
+            ("crossfield_relax_graphs_total", frozenset({("outcome", outcome)})), 0
+        )
+        for outcome in ("reused", "rebuilt")
+    }
 
 
 def test_batches_stay_full_and_every_structure_is_answered_once() -> None:
