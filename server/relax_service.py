@@ -32,7 +32,14 @@ from .metrics import Metrics
 from .models import ModelRegistry
 from .relax_engine import Frame, Outcome, Relaxation, RelaxEngine, Settings
 from .responses import clip, status_code
-from .streams import StreamLimits, call_deadline, deadline_passed, write_response
+from .streams import (
+    StreamLimits,
+    abort_unavailable,
+    call_deadline,
+    deadline_passed,
+    wake_or_deadline,
+    write_response,
+)
 from .validation import check_request, resolve_head
 from .wire import Malformed
 
@@ -158,10 +165,7 @@ class RelaxStream:
             self._metrics.streams_ended.labels(reason).inc()
             self._metrics.open_streams.dec()
         if reason in MESSAGES:
-            timeout = f"{self._limits.idle_timeout:g} s"
-            await self._context.abort(
-                grpc.StatusCode.UNAVAILABLE, MESSAGES[reason].format(timeout=timeout)
-            )
+            await abort_unavailable(self._context, MESSAGES[reason], self._limits)
 
     async def _write_all(self) -> str:
         """Write answers as they come; returns why the stream ends."""
@@ -180,15 +184,12 @@ class RelaxStream:
             if self._stopping and not self._open:
                 return "stopping"
             self._wake.clear()
-            timer = None
+            idle_at = None
             if timeout and self._reading and not self._open:
-                left = self._progress + timeout - self._loop.time()
-                if left <= 0:
+                idle_at = self._progress + timeout
+                if idle_at <= self._loop.time():
                     return "idle"
-                timer = self._loop.call_later(left, self._wake.set)
-            await self._wake.wait()
-            if timer is not None:
-                timer.cancel()
+            await wake_or_deadline(self._loop, self._wake, idle_at)
 
     async def _read(self, requests) -> None:
         iterator = requests.__aiter__()

@@ -44,7 +44,13 @@ from .errors import InvalidArgumentError, ServeError, UnavailableError
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .responses import encode_result, error_response
-from .streams import StreamLimits, call_deadline, deadline_passed, write_response
+from .streams import (
+    StreamLimits,
+    abort_unavailable,
+    call_deadline,
+    deadline_passed,
+    write_response,
+)
 from .validation import (
     check_cell,
     check_configuration,
@@ -117,10 +123,7 @@ class MdSession:
             self._metrics.streams_ended.labels(reason).inc()
             self._metrics.open_streams.dec()
         if reason in MESSAGES:
-            timeout = f"{self._limits.idle_timeout:g} s"
-            await self._context.abort(
-                grpc.StatusCode.UNAVAILABLE, MESSAGES[reason].format(timeout=timeout)
-            )
+            await abort_unavailable(self._context, MESSAGES[reason], self._limits)
 
     async def _serve(self, requests: AsyncIterator) -> str:
         """Answer messages one at a time; returns why the session ends."""

@@ -57,6 +57,14 @@ END_STATUS = {
     "unread": "UNAVAILABLE",
     "stopping": "UNAVAILABLE",
 }
+MESSAGES = {
+    "idle": "stream idle: nothing received for {timeout} while nothing was in progress "
+    "(the server's --stream-idle-timeout); open a new stream when there is work",
+    "unread": "stream not read: an answer waited {timeout} for the client to take it (the "
+    "server's --stream-idle-timeout); unanswered requests may be resent",
+    "stopping": "server stopping: the requests of this stream that were not answered can "
+    "be sent to another replica",
+}
 RESPONSE_OVERHEAD = 256  # bytes of a response beyond its arrays and id
 DEADLINE_SLACK = 0.05  # seconds left on the server's clock when a client's deadline fires
 
@@ -143,8 +151,8 @@ class StreamSession:
         finally:
             reader.cancel()
             self._end(reason)
-        if reason in ("idle", "unread", "stopping"):
-            await self._context.abort(grpc.StatusCode.UNAVAILABLE, self._message(reason))
+        if reason in MESSAGES:
+            await abort_unavailable(self._context, MESSAGES[reason], self._limits)
 
     # -- writer ---------------------------------------------------------------------------
     async def _write_all(self, reader: asyncio.Task) -> str:
@@ -174,15 +182,12 @@ class StreamSession:
                 self._reader_done = True
                 continue
             self._wake.clear()
-            timer = None
+            idle_at = None
             if timeout and self._reading and not self._outstanding:
-                left = self._progress + timeout - self._loop.time()
-                if left <= 0:
+                idle_at = self._progress + timeout
+                if idle_at <= self._loop.time():
                     return "idle"
-                timer = self._loop.call_later(left, self._wake.set)
-            await self._wake.wait()
-            if timer is not None:
-                timer.cancel()
+            await wake_or_deadline(self._loop, self._wake, idle_at)
 
     def _deliver(self, entry: _Entry) -> None:
         self._entries.discard(entry)
@@ -303,17 +308,24 @@ class StreamSession:
             self._metrics.stream_held_bytes.dec(entry.cost)
             self._room.set()
 
-    def _message(self, reason: str) -> str:
-        timeout = f"{self._limits.idle_timeout:g} s"
-        return {
-            "idle": f"stream idle: nothing received for {timeout} while nothing was in "
-            "progress (the server's --stream-idle-timeout); open a new stream when there is "
-            "work",
-            "unread": f"stream not read: an answer waited {timeout} for the client to take "
-            "it (the server's --stream-idle-timeout); unanswered requests may be resent",
-            "stopping": "server stopping: the requests of this stream that were not "
-            "answered can be sent to another replica",
-        }[reason]
+
+async def wake_or_deadline(
+    loop: asyncio.AbstractEventLoop, wake: asyncio.Event, at: float | None
+) -> None:
+    """Wait until ``wake`` is set or the loop's clock reaches ``at`` (None: no limit); the
+    caller then looks again at what it waits for (a stream's idle clock, its answers)."""
+    timer = None if at is None else loop.call_later(max(0.0, at - loop.time()), wake.set)
+    await wake.wait()
+    if timer is not None:
+        timer.cancel()
+
+
+async def abort_unavailable(
+    context: grpc.aio.ServicerContext, message: str, limits: StreamLimits
+) -> None:
+    """End a stream UNAVAILABLE with ``message`` (``{timeout}``: the idle timeout)."""
+    timeout = f"{limits.idle_timeout:g} s"
+    await context.abort(grpc.StatusCode.UNAVAILABLE, message.format(timeout=timeout))
 
 
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
