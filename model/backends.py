@@ -546,7 +546,8 @@ def ready_backend(
     ``dtype`` on ``device``'s kind, else ``eager``."""
     from .aot import artefact_name
 
-    if cache is None or model.config.product == "element":
+    # No package folder: eager at once (the key needs Inductor's CPU probe, ~1 s once).
+    if cache is None or model.config.product == "element" or not (cache / "aot").is_dir():
         return "eager"
     converted = model if (model.dtype, model.e0s.device) == (dtype, device) else None
     if converted is None:
