@@ -126,7 +126,11 @@ def test_headers_only_streams_are_capped_per_connection(model) -> None:
             for (name, labels), value in scrape(server).items()
             if name == "crossfield_streams_ended_total"
         }
-        assert reasons == {"cancelled": 50}, reasons
+        # gRPC ends a vanished connection's empty streams either way: as cancelled, or, when
+        # a stream's read sees end-of-stream before the cancellation, as a client that
+        # half-closed, which the stream counts completed (it had nothing to answer; gRPC's
+        # context says neither cancelled() nor anything else then; CI saw 33 of 50).
+        assert sum(reasons.values()) == 50 and set(reasons) <= {"cancelled", "completed"}, reasons
     assert sum(refused.values()) == 250
 
 
