@@ -33,6 +33,7 @@ from .models import ModelRegistry
 from .relax_engine import Frame, Outcome, Relaxation, RelaxEngine, Settings
 from .responses import clip, status_code
 from .streams import (
+    OpenStreams,
     StreamLimits,
     abort_unavailable,
     call_deadline,
@@ -79,15 +80,12 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
         self._metrics = metrics
         self._limits = limits
         self._max_message_bytes = max_message_bytes
-        self._streams: set[RelaxStream] = set()
-        self._stopping = False
+        self._streams = OpenStreams()
 
     def stop_streams(self) -> None:
         """The server stops (after the engine answered every relaxation): each open stream
         writes its answers and ends UNAVAILABLE (call on the I/O loop)."""
-        self._stopping = True
-        for stream in self._streams:
-            stream.stop()
+        self._streams.stop()
 
     async def Relax(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = RelaxStream(
@@ -98,13 +96,7 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
             self._limits,
             self._max_message_bytes,
         )
-        self._streams.add(stream)
-        if self._stopping:
-            stream.stop()
-        try:
-            await stream.run(request_iterator)
-        finally:
-            self._streams.discard(stream)
+        await self._streams.serve(stream, request_iterator)
 
 
 class RelaxStream:

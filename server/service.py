@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .models import ModelRegistry
 from .responses import clip, encode_result, model_info, status_code
 from .sessions import MdSession
-from .streams import StreamLimits, StreamSession, call_deadline, deadline_passed
+from .streams import OpenStreams, StreamLimits, StreamSession, call_deadline, deadline_passed
 from .wire import Malformed
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self._metrics = metrics
         self._admission = Admission(registry)
         self._stream_limits = streams or StreamLimits()
-        self._sessions: set[StreamSession | MdSession] = set()
-        self._stopping = False
+        self._streams = OpenStreams()
 
     def stop_streams(self) -> None:
         """The server stops: every open stream delivers what it has in progress and ends
         (call on the I/O loop)."""
-        self._stopping = True
-        for session in self._sessions:
-            session.stop()
+        self._streams.stop()
 
     # -- RPCs -----------------------------------------------------------------------------
     async def Compute(self, request, context: grpc.aio.ServicerContext):
@@ -78,23 +75,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         session = StreamSession(self._admission, self._metrics, self._stream_limits, context)
-        self._sessions.add(session)
-        if self._stopping:
-            session.stop()
-        try:
-            await session.run(request_iterator)
-        finally:
-            self._sessions.discard(session)
+        await self._streams.serve(session, request_iterator)
 
     async def ComputeSession(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         session = MdSession(self._registry, self._metrics, self._stream_limits, context)
-        self._sessions.add(session)
-        if self._stopping:
-            session.stop()
-        try:
-            await session.run(request_iterator)
-        finally:
-            self._sessions.discard(session)
+        await self._streams.serve(session, request_iterator)
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
         if isinstance(request, Malformed):

@@ -309,6 +309,31 @@ class StreamSession:
             self._room.set()
 
 
+class OpenStreams:
+    """The streams a service has open (on the I/O loop), so that a stopping server can
+    tell each to deliver what it has in progress and end; one that opens after is told at
+    once. A stream is anything with ``run(requests)`` and ``stop()``."""
+
+    def __init__(self) -> None:
+        self._streams: set = set()
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+        for stream in self._streams:
+            stream.stop()
+
+    async def serve(self, stream, requests) -> None:
+        """Run ``stream`` on ``requests`` to its end, stoppable meanwhile."""
+        self._streams.add(stream)
+        if self._stopping:
+            stream.stop()
+        try:
+            await stream.run(requests)
+        finally:
+            self._streams.discard(stream)
+
+
 async def wake_or_deadline(
     loop: asyncio.AbstractEventLoop, wake: asyncio.Event, at: float | None
 ) -> None:
