@@ -23,6 +23,7 @@ from crossfield.server.streams import StreamLimits
 from crossfield.v1 import relax_pb2_grpc
 
 NAMES = {"model": "small"}
+STEPS = ("crossfield_relax_steps_total", frozenset({("model", "small")}))  # scraped key
 
 
 def stub_for(server, **options) -> relax_pb2_grpc.RelaxationStub:
@@ -50,6 +51,16 @@ def relax_steps(server) -> float:
     return server.metrics.registry.get_sample_value(
         "crossfield_relax_steps_total", {"model": "small"}
     )
+
+
+def ethanols(count: int) -> list:
+    """``count`` ethanol molecules, each rattled its own way (a relaxation each)."""
+    structures = []
+    for seed in range(count):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.1, seed=seed)
+        structures.append(atoms)
+    return structures
 
 
 def silicon(seed: int):
@@ -86,8 +97,7 @@ def test_an_unread_stream_holds_a_bounded_window_then_loses_the_call() -> None:
 
 
 def test_an_idle_stream_is_ended_but_not_while_it_relaxes() -> None:
-    atoms = molecule("CH3CH2OH")
-    atoms.rattle(0.1, seed=0)
+    (atoms,) = ethanols(1)
     slow = relax_request(atoms, "slow", {"fmax": 1e-9, "max_steps": 400}, NAMES)
     limits = StreamLimits(idle_timeout=0.5)
     outbox: queue.Queue = queue.Queue()
@@ -123,15 +133,13 @@ def test_a_trajectory_too_big_for_one_message_is_refused_alone() -> None:
 
 
 def test_stopping_answers_each_relaxation_with_its_last_state_then_ends_the_stream() -> None:
-    atoms = molecule("CH3CH2OH")
-    atoms.rattle(0.1, seed=0)
+    (atoms,) = ethanols(1)
     never = relax_request(atoms, "never", {"fmax": 1e-12, "max_steps": 100000}, NAMES)
-    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
     outbox: queue.Queue = queue.Queue()
     with running_server({"small": small_model()}, settings={"grace": 20.0}) as server:
         call = stub_for(server).Relax(iter(outbox.get, None), timeout=60)
         outbox.put(never)
-        wait_for(lambda: scrape(server).get(steps, 0) > 5 or None, "some steps", timeout=30)
+        wait_for(lambda: scrape(server).get(STEPS, 0) > 5 or None, "some steps", timeout=30)
         start = time.monotonic()
         stopper = threading.Thread(target=server.stop)
         stopper.start()
@@ -151,12 +159,7 @@ def test_stopping_answers_each_relaxation_with_its_last_state_then_ends_the_stre
 
 
 def test_relax_many_goes_on_from_the_last_state_when_its_server_stops() -> None:
-    structures = []
-    for index in range(6):
-        atoms = molecule("CH3CH2OH")
-        atoms.rattle(0.1, seed=index)
-        structures.append(atoms)
-    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
+    structures = ethanols(6)
     with (
         running_server({"small": small_model()}) as first,
         running_server({"small": small_model()}) as second,
@@ -168,7 +171,7 @@ def test_relax_many_goes_on_from_the_last_state_when_its_server_stops() -> None:
                     client.relax_many(structures, fmax=1e-4, max_steps=400, trajectory_every=1)
                 )
             )
-            wait_for(lambda: scrape(first).get(steps, 0) > 60 or None, "steps on the first", 60)
+            wait_for(lambda: scrape(first).get(STEPS, 0) > 60 or None, "steps on the first", 60)
             first.stop()  # answers every structure UNAVAILABLE with its last state
             first_steps = relax_steps(first)  # the server's own registry: HTTP is down
             results = sorted(running.result(timeout=120), key=lambda r: r.index)
@@ -189,12 +192,7 @@ def test_relax_many_starts_again_elsewhere_when_its_server_vanishes(tmp_path) ->
     model = small_model()
     checkpoint = tmp_path / "small.pt"
     save_checkpoint(model, checkpoint)
-    structures = []
-    for index in range(4):
-        atoms = molecule("CH3CH2OH")
-        atoms.rattle(0.1, seed=index)
-        structures.append(atoms)
-    steps = ("crossfield_relax_steps_total", frozenset({("model", "small")}))
+    structures = ethanols(4)
     vanishing = soak.ServerProcess.start(checkpoint)
     try:
         with running_server({"small": model}) as second:
@@ -204,7 +202,7 @@ def test_relax_many_starts_again_elsewhere_when_its_server_vanishes(tmp_path) ->
                 running = pool.submit(
                     lambda: list(client.relax_many(structures, fmax=1e-4, max_steps=150))
                 )
-                wait_for(lambda: scrape(vanishing).get(steps, 0) > 40 or None, "steps", 60)
+                wait_for(lambda: scrape(vanishing).get(STEPS, 0) > 40 or None, "steps", 60)
                 vanishing.process.kill()  # no word to anyone: the stream just breaks
                 results = sorted(running.result(timeout=120), key=lambda r: r.index)
             metrics = scrape(second)
