@@ -69,6 +69,10 @@ class AsyncConnection:
             return not probe_failed(err)
         return True
 
+    async def went_away(self, error: CrossfieldError) -> bool:
+        """See ``Connection.went_away``."""
+        return error.code == "UNAVAILABLE" and not await self.answers()
+
     async def why_unreachable(self) -> str:
         try:
             await self._probe(b"", timeout=PROBE_TIMEOUT_S)
@@ -251,7 +255,7 @@ class AsyncClient:
                 )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-            if poison and error.code == "UNAVAILABLE" and not await connection.answers():
+            if poison and await connection.went_away(error):
                 lost.append(connection.address)
                 limit = self.retries.poison_after
                 if limit is not None and len(lost) >= limit:

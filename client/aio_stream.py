@@ -120,7 +120,7 @@ class AsyncStreamRun:
                 if (error.code, error.details) == _BROKEN_WHILE_WRITING:
                     error = ServerUnavailableError(error.details, "UNAVAILABLE")
             lost = None
-            if error is not None and error.code == "UNAVAILABLE" and not await connection.answers():
+            if error is not None and await connection.went_away(error):
                 lost = connection.address
             unanswered = await self._close(stream, lost)
             if error is None and not unanswered:

@@ -140,7 +140,7 @@ class Client:
                 )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-            if poison and error.code == "UNAVAILABLE" and not connection.answers():
+            if poison and connection.went_away(error):
                 lost.append(connection.address)
                 limit = self.retries.poison_after
                 if limit is not None and len(lost) >= limit:

@@ -294,6 +294,12 @@ class Connection:
             return False
         return True
 
+    def went_away(self, error: CrossfieldError) -> bool:
+        """Whether ``error``, from a call to this server, means the server went away
+        (crashed, stopped, frozen) rather than refused: UNAVAILABLE, and no answer now.
+        Structures in flight then count towards ``RetryPolicy.poison_after``."""
+        return error.code == "UNAVAILABLE" and not self.answers()
+
     def why_unreachable(self) -> str:
         """What gRPC says when a call cannot reach this address (for error messages)."""
         try:

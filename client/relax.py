@@ -125,7 +125,7 @@ def relax_many(
                 yield from stream.answer(response)
         except grpc.RpcError as err:
             error = from_rpc_error(err)
-            if error.code != "UNAVAILABLE" or connection.answers():
+            if not connection.went_away(error):
                 # The server refused the call (or is there and said UNAVAILABLE itself):
                 # every structure not yet answered gets the error.
                 yield from stream.close(error, lost=False)

@@ -87,7 +87,7 @@ class Session:
                 connection, self._connection = self._connection, None
                 if error.code == "UNIMPLEMENTED":
                     raise SessionsUnsupportedError(error.details, error.code) from None
-                if error.code == "UNAVAILABLE" and connection and not connection.answers():
+                if connection and connection.went_away(error):
                     lost.append(connection.address)
                     limit = self._retries.poison_after
                     if limit is not None and len(lost) >= limit:

@@ -142,7 +142,7 @@ class StreamRun:
             with self._cond:
                 self._calls.remove(call)
             lost = None
-            if error is not None and error.code == "UNAVAILABLE" and not connection.answers():
+            if error is not None and connection.went_away(error):
                 lost = connection.address
             unanswered = self._close(stream, lost)
             if self._stopping or (error is None and not unanswered):
