@@ -2,7 +2,13 @@
 
 For each workload (small molecules; 64-atom silicon crystals) this starts a real server on
 loopback, runs N client threads in a separate process without torch (each sends one structure at a
-time and waits for its answer, like an MD driver), and reports structures/s and atoms/s.
+time and waits for its answer, like an MD driver), and reports structures/s and atoms/s. The
+clients talk to the server in one of two ways, each measured:
+
+  unary:    one Compute call per structure (what a screening script without streams does);
+  sessions: each client an MD driver on its own molecule or crystal, through an MD session
+            (``Client.session``, what ``RemoteCalculator`` uses by default): the structure
+            once, then only new positions, the server keeping its Verlet list.
 Two references evaluate the same structures in this process, without gRPC:
 
   (a) batched: in batches of the mean size the server's batcher formed (read from its
@@ -69,17 +75,57 @@ def _run_clients(address: str, batches: list[list[bytes]]) -> tuple[float, list[
     return time.perf_counter() - start, errors
 
 
+def _run_session_clients(address: str, trajectories: list[list[tuple]]) -> tuple[float, list[str]]:
+    """One thread per client, each an MD driver evaluating its own trajectory (numbers,
+    positions, cell, pbc per step) through one session of the crossfield client."""
+    from ase import Atoms
+
+    from crossfield.client import Client, CrossfieldError
+
+    errors: list[str] = []
+
+    def client(steps: list[tuple]) -> None:
+        with Client(address, model="bench", timeout=120) as remote:
+            session = remote.session()
+            barrier.wait()
+            atoms = None
+            for numbers, positions, cell, pbc in steps:
+                if atoms is None:
+                    atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+                atoms.positions = positions  # the same atoms, moved: a session step
+                wanted = ("energy", "forces", "stress") if any(pbc) else ("energy", "forces")
+                try:
+                    session.compute(atoms, wanted)
+                except CrossfieldError as err:
+                    errors.append(str(err))
+            session.close()
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in trajectories if t]
+    barrier = threading.Barrier(len(threads) + 1)
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, errors
+
+
 def _client_main(address: str, path: str) -> int:
     """Entry point of the client process (no torch): requests from a pickle, JSON out."""
     with open(path, "rb") as handle:
-        batches = pickle.load(handle)
-    elapsed, errors = _run_clients(address, batches)
+        mode, batches = pickle.load(handle)
+    run = _run_session_clients if mode == "sessions" else _run_clients
+    elapsed, errors = run(address, batches)
     print(json.dumps({"elapsed": elapsed, "errors": errors[:5], "failed": len(errors)}))
     return 0
 
 
-def workload(kind: str, count: int, seed: int = 0):
-    """``count`` rattled structures: small molecules (3-12 atoms) or 64-atom Si crystals."""
+def workload(kind: str, count: int, clients: int, seed: int = 0):
+    """``count`` structures, small molecules (3-12 atoms) or 64-atom Si crystals, as
+    ``clients`` trajectories: client k's structure follows its own template and takes a
+    small random step each time (an MD driver's next positions), in the order
+    ``_trajectories`` deals them out."""
     from ase.build import bulk, molecule
 
     from crossfield.model import Structure
@@ -92,21 +138,27 @@ def workload(kind: str, count: int, seed: int = 0):
     else:
         templates = [bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))]
     structures = []
+    current = [templates[k % len(templates)].copy() for k in range(clients)]
     for index in range(count):
-        atoms = templates[index % len(templates)].copy()
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        structures.append(Structure.from_atoms(atoms))
+        atoms = current[index % clients]
+        atoms.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
+        structures.append(Structure.from_atoms(atoms.copy()))  # from_atoms keeps views
     return structures
+
+
+def _trajectories(structures, clients: int) -> list[list]:
+    """Client k gets structures k, k + clients, ...: its own trajectory (``workload``)."""
+    return [structures[rank::clients] for rank in range(clients)]
 
 
 def properties(structure) -> tuple[str, ...]:
     return ("energy", "forces", "stress") if any(structure.pbc) else ("energy", "forces")
 
 
-def serve_and_load(model, structures, clients: int, dtype) -> tuple[float, float, float]:
-    """Throughput of a real server under ``clients`` concurrent clients; returns
-    (structures per second, mean batch size the batcher formed, fraction of the time
-    the runner was computing)."""
+def serve_and_load(model, structures, clients: int, dtype, mode: str) -> tuple[float, float, float]:
+    """Throughput of a real server under ``clients`` concurrent clients talking ``mode``
+    (unary or sessions); returns (structures per second, mean batch size the batcher
+    formed, fraction of the time the runner was computing)."""
     from crossfield.server.app import InferenceServer, ServerConfig
 
     config = ServerConfig(
@@ -121,21 +173,23 @@ def serve_and_load(model, structures, clients: int, dtype) -> tuple[float, float
     server.add_model(model, "bench", "1")
     server.start()
     try:
-        requests = [
-            compute_request(
-                s.numbers,
-                s.positions,
-                s.cell if any(s.pbc) else None,
-                s.pbc if any(s.pbc) else None,
-                model="bench",
-                properties=properties(s),
-                id=str(i),
-            ).SerializeToString()
-            for i, s in enumerate(structures)
-        ]
-        batches = [requests[rank::clients] for rank in range(clients)]
+        if mode == "sessions":
+            steps = [(s.numbers, s.positions, s.cell, s.pbc) for s in structures]
+        else:
+            steps = [
+                compute_request(
+                    s.numbers,
+                    s.positions,
+                    s.cell if any(s.pbc) else None,
+                    s.pbc if any(s.pbc) else None,
+                    model="bench",
+                    properties=properties(s),
+                    id=str(i),
+                ).SerializeToString()
+                for i, s in enumerate(structures)
+            ]
         with tempfile.NamedTemporaryFile(suffix=".pickle") as handle:
-            pickle.dump(batches, handle)
+            pickle.dump((mode, _trajectories(steps, clients)), handle)
             handle.flush()
             address = f"127.0.0.1:{server.port}"
             command = [sys.executable, __file__, "--client", address, handle.name]
@@ -202,15 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--model", choices=("default", "small"), default="default")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--molecules", type=int, default=384, help="molecules sent per run")
-    parser.add_argument("--crystals", type=int, default=48, help="64-atom crystals sent per run")
+    parser.add_argument("--molecules", type=int, default=512, help="molecules sent per run")
+    parser.add_argument("--crystals", type=int, default=96, help="64-atom crystals sent per run")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch intra-op threads (1: no spin-wait thrash on small shared machines)",
     )
-    parser.add_argument("--quick", action="store_true", help="a quarter of the structures")
+    parser.add_argument("--quick", action="store_true", help="half the structures")
     parser.add_argument("--out", type=Path, default=Path("docs/serve_throughput.json"))
     args = parser.parse_args(argv)
 
@@ -220,43 +274,45 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype)
-    scale = 4 if args.quick else 1
+    scale = 2 if args.quick else 1
     print(
         f"model={args.model} dtype={args.dtype} clients={args.clients} "
         f"torch_threads={torch.get_num_threads()}"
     )
     header = (
-        f"{'workload':<10} {'n':>5} {'server s/s':>11} {'atoms/s':>9} {'batch':>6} {'busy':>5} "
+        f"{'workload':<20} {'n':>5} {'server s/s':>11} {'atoms/s':>9} {'batch':>6} {'busy':>5} "
         f"{'(a) s/s':>9} {'(b) s/s':>9} {'server/(a)':>10} {'server/(b)':>10}"
     )
     print(header)
-    rows = {}
+    rows: dict[str, dict[str, dict]] = {}
     for kind, count in (
         ("molecules", args.molecules // scale),
         ("crystals", args.crystals // scale),
     ):
-        structures = workload(kind, count)
+        structures = workload(kind, count, args.clients)
         atoms = sum(len(s.numbers) for s in structures) / len(structures)
         in_process(model, structures[:4], 4)  # warm up
-        served, batch, busy = serve_and_load(model, structures, args.clients, dtype)
-        batched = in_process(model, structures, max(1, round(batch)))
         single = in_process(model, structures[: max(8, count // 4)], 1)
-        print(
-            f"{kind:<10} {count:>5} {served:>11.1f} {served * atoms:>9.0f} {batch:>6.1f} "
-            f"{busy:>5.0%} {batched:>9.1f} {single:>9.1f} "
-            f"{served / batched:>10.2f} {served / single:>10.2f}"
-        )
-        rows[kind] = {
-            "structures": count,
-            "mean_atoms": atoms,
-            "server_per_s": served,
-            "mean_batch": batch,
-            "busy": busy,
-            "in_process_batched_per_s": batched,
-            "one_at_a_time_per_s": single,
-            "vs_batched": served / batched,
-            "vs_one_at_a_time": served / single,
-        }
+        rows[kind] = {}
+        for mode in ("unary", "sessions"):
+            served, batch, busy = serve_and_load(model, structures, args.clients, dtype, mode)
+            batched = in_process(model, structures, max(1, round(batch)))
+            print(
+                f"{kind + ', ' + mode:<20} {count:>5} {served:>11.1f} {served * atoms:>9.0f} "
+                f"{batch:>6.1f} {busy:>5.0%} {batched:>9.1f} {single:>9.1f} "
+                f"{served / batched:>10.2f} {served / single:>10.2f}"
+            )
+            rows[kind][mode] = {
+                "structures": count,
+                "mean_atoms": atoms,
+                "server_per_s": served,
+                "mean_batch": batch,
+                "busy": busy,
+                "in_process_batched_per_s": batched,
+                "one_at_a_time_per_s": single,
+                "vs_batched": served / batched,
+                "vs_one_at_a_time": served / single,
+            }
     result = {
         "conditions": {
             "model": args.model,
@@ -283,18 +339,18 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(result["workloads"])
-    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    runs = [(kind, mode) for kind, modes in result["workloads"].items() for mode in modes]
+    figure, axis = plt.subplots(figsize=(7.2, 3.6))
     ratios = (
         ("vs_batched", "server / in-process batched"),
         ("vs_one_at_a_time", "server / one at a time"),
     )
     for k, (key, label) in enumerate(ratios):
-        heights = [result["workloads"][kind][key] for kind in kinds]
-        bars = axis.bar([i + 0.4 * k for i in range(len(kinds))], heights, 0.4, label=label)
+        heights = [result["workloads"][kind][mode][key] for kind, mode in runs]
+        bars = axis.bar([i + 0.4 * k for i in range(len(runs))], heights, 0.4, label=label)
         axis.bar_label(bars, fmt="%.2f", fontsize=8)
     axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([i + 0.2 for i in range(len(kinds))], kinds)
+    axis.set_xticks([i + 0.2 for i in range(len(runs))], [f"{k}\n{m}" for k, m in runs])
     axis.set_ylabel("throughput ratio")
     conditions = result["conditions"]
     axis.set_title(
