@@ -3,11 +3,15 @@
 #   docker build -t crossfield:0.1.0 .
 #   docker run --gpus all -p 50051:50051 -p 9090:9090 -v /srv/models:/models:ro crossfield:0.1.0
 #
-# The base image brings Python, CUDA, cuDNN and a CUDA build of torch; the server's
-# dependencies are installed around it (torch is pinned to the base's build so that pip
-# never replaces it with another wheel). See deploy/README.md.
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
-FROM ${BASE_IMAGE}
+# The base image is plain Python; torch comes from PyPI at the version the test suite runs
+# (TORCH_VERSION, the README's `pip install torch==...`; tests/test_deploy_config.py keeps
+# them equal). PyPI's Linux torch wheel is its CUDA build and brings the CUDA runtime and
+# cuDNN as nvidia-* wheels, so no CUDA base image is needed: the driver is the host's
+# (docker run --gpus). torch is then a constraint, so the server's dependencies can never
+# replace it with another wheel. See deploy/README.md.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+ARG TORCH_VERSION=2.13.0
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -26,7 +30,8 @@ COPY server/ server/
 COPY client/ client/
 COPY proto/ proto/
 
-RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/torch-constraint.txt \
+RUN python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+    && python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/torch-constraint.txt \
     && python -m pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[server]" \
     && python -c 'import crossfield.server.app, grpc_health.v1.health' \
     && rm -rf /tmp/crossfield-src /tmp/torch-constraint.txt

@@ -245,11 +245,15 @@ def discovered_pod(deployment: dict[str, Any], ip: str) -> list[dict[str, str]]:
 
 
 # -- the image --------------------------------------------------------------------------------
-def test_image_is_a_cuda_pytorch_runtime_running_as_a_non_root_user() -> None:
-    (base,) = [rest for keyword, rest in dockerfile() if keyword == "ARG" and "BASE" in rest]
-    image = base.partition("=")[2]
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", image)
-    assert instruction("FROM") == ["${BASE_IMAGE}"]
+def test_image_runs_the_torch_the_tests_run_as_a_non_root_user() -> None:
+    (base,) = [rest for keyword, rest in dockerfile() if keyword == "ARG" and "IMAGE" in rest]
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.\d+-slim-\w+", base)
+    assert instruction("FROM") == ["${PYTHON_IMAGE}"]
+    (pin,) = [rest for keyword, rest in dockerfile() if keyword == "ARG" and "TORCH" in rest]
+    tested = re.findall(r"pip install torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text())
+    readme = set(re.findall(r"pip install torch==([\w.+]+)", (ROOT / "README.md").read_text()))
+    assert tested and readme == set(tested), "README and CI install one torch"
+    assert pin == f"TORCH_VERSION={tested[0]}", "the image runs the torch the tests run"
     keywords = [keyword for keyword, _ in dockerfile()]
     (user,) = instruction("USER")
     uid = user.partition(":")[0]
@@ -257,6 +261,7 @@ def test_image_is_a_cuda_pytorch_runtime_running_as_a_non_root_user() -> None:
     assert any(f"--uid {uid}" in rest for rest in instruction("RUN")), "create the user"
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
     (install,) = [rest for rest in instruction("RUN") if "pip install" in rest]
+    assert '"torch==${TORCH_VERSION}"' in install
     assert '".[server]"' in install and "--constraint" in install and "torch==" in install
 
 
