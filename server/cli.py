@@ -98,9 +98,16 @@ def register(subparsers) -> None:
         default=9090,
         help="Prometheus port; 0 picks a free one, -1 disables",
     )
-    parser.add_argument("--max-batch-atoms", type=int, default=4096, help="atom budget of a batch")
     parser.add_argument(
-        "--max-batch-edges", type=int, default=131072, help="edge budget of a batch"
+        "--max-batch-atoms",
+        type=int,
+        help="atom budget of a batch (default: 4096 on a GPU, 512 on a CPU, whose cores "
+        "run larger batches slower per atom)",
+    )
+    parser.add_argument(
+        "--max-batch-edges",
+        type=int,
+        help="edge budget of a batch (default: 131072 on a GPU, 4096 on a CPU)",
     )
     parser.add_argument(
         "--max-delay-ms",
