@@ -84,15 +84,17 @@ class BatchLimits:
 
 
 # Default batch budgets (atoms, edges). A GPU gains from every structure added until its
-# memory fills. A CPU core does not: past a few thousand edges a batch's tensors leave the
-# core's caches and every structure costs more, not less. Measured for the default model
-# on this project's 2-core CPU (one torch thread; bench/serve_throughput.py workloads):
-# 64-atom crystals, 1792 edges each, give the same structures/s in batches of 1-3 and
-# 13-32 % fewer in batches of 4, 6 and 12 (AOT; 8-14 % eager); small molecules gain up to
-# batches of ~400 atoms and lose beyond. Through the server, 32 clients sending 64-atom
-# crystals: 15.8 -> 19.6 structures/s eager and 23.5 -> 32.2 AOT with these budgets
-# instead of the GPU's (batches of 2 instead of 12-16).
-DEVICE_BUDGETS = {"cpu": (512, 4096), "accelerator": (4096, 131072)}
+# memory fills. A CPU core gains only until a batch's tensors leave its caches, beyond a
+# few thousand edges, and then every structure costs more, not less; but each batch also
+# pays the model call's fixed cost (25-50 ms for the default model eager, 1-3 ms AOT), so
+# a CPU budget cannot be small either. Measured for the default model on this project's
+# 2-core CPU: 64-atom crystals (1792 edges each) give the same structures/s in batches of
+# 1-4 and 13-32 % fewer in batches of 6 and 12 (AOT; 8-14 % eager), and through the server
+# 15.8 -> 19.6 structures/s (eager) with a 4096-edge budget; but a relaxation farm of 64
+# small structures (9.1k estimated edges a round) ran 10 % slower with an 8192-edge budget,
+# which cut each round into two calls, and 34 % slower with 4096. 12288 on a CPU keeps
+# such rounds whole and crystals in batches of up to 6.
+DEVICE_BUDGETS = {"cpu": (4096, 12288), "accelerator": (4096, 131072)}
 
 
 class Batcher:
@@ -287,15 +289,26 @@ class Batcher:
 
     def _take(self) -> list[WorkItem]:
         """Pop the oldest live items that fit the budget (at least one); drop withdrawn,
-        cancelled and expired ones on the way."""
+        cancelled and expired ones on the way.
+
+        When more is queued than one budget holds, the queue is cut into equal parts
+        rather than full budgets and a remainder: this batch takes its share (it stops
+        once it reaches ``total / parts``). A remainder of a few structures would cost a
+        whole model call's fixed overhead (25-50 ms for the default model eager on a CPU)
+        for little work."""
+        limits = self.limits
+        parts = max(-(-self._atoms // limits.max_atoms), -(-self._edges // limits.max_edges), 1)
+        share_atoms, share_edges = self._atoms / parts, self._edges / parts
         items: list[WorkItem] = []
         atoms = edges = 0
         now = time.monotonic()
         while (item := self._head()) is not None:
             request = item.request
             fits = (
-                atoms + request.num_atoms <= self.limits.max_atoms
-                and edges + request.estimated_edges <= self.limits.max_edges
+                atoms + request.num_atoms <= limits.max_atoms
+                and edges + request.estimated_edges <= limits.max_edges
+                and atoms < share_atoms
+                and edges < share_edges
             )
             if items and not fits:
                 break

@@ -101,13 +101,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--max-batch-atoms",
         type=int,
-        help="atom budget of a batch (default: 4096 on a GPU, 512 on a CPU, whose cores "
-        "run larger batches slower per atom)",
+        help="atom budget of a batch (default 4096)",
     )
     parser.add_argument(
         "--max-batch-edges",
         type=int,
-        help="edge budget of a batch (default: 131072 on a GPU, 4096 on a CPU)",
+        help="edge budget of a batch (default: 131072 on a GPU, 12288 on a CPU, whose "
+        "cores run larger batches slower per edge)",
     )
     parser.add_argument(
         "--max-delay-ms",

@@ -6,8 +6,11 @@ for all of them, takes one optimiser step per structure (``relax_optimizers.py``
 coordinates of ``relax_cell.py``) and goes round again. A structure that has converged,
 run out of steps, failed, been cancelled or passed its deadline leaves at once and the
 next queued one takes its place: the structures in flight are bounded by the atom and
-edge budget of one batch of their model (``BatchLimits``), so that every round is one
-full batch, as torch-sim's ``InFlightAutoBatcher`` keeps its batch full.
+edge budget of one batch of their model on a GPU (``BatchLimits``; on a CPU, whose own
+batches hold fewer edges, by the GPU's default budget, which the batcher then runs as a
+few CPU-sized batches), so that every round is full, as torch-sim's
+``InFlightAutoBatcher`` keeps its batch full (bounded by one CPU batch, 64 relaxations of
+64-atom crystals would be in flight about 4 at a time).
 
 Why through the batcher rather than a device loop of its own: a relaxation step is then a
 Compute request in every respect. Each step is checked as one (``validation.check_request``
@@ -40,6 +43,7 @@ from crossfield.v1 import inference_pb2
 from crossfield.v1.arrays import to_array
 
 from .admission import RESOLVE_ATTEMPTS
+from .batcher import DEVICE_BUDGETS, BatchLimits
 from .errors import (
     ComputeError,
     DeadlineExceededError,
@@ -286,10 +290,10 @@ class RelaxEngine:
             key = id(relaxation.served)
             if key in blocked:
                 continue
-            limits = relaxation.served.batcher.limits
+            max_atoms, max_edges = round_budget(relaxation.served.batcher.limits)
             new_atoms = atoms.get(key, 0) + relaxation.checked.num_atoms
             new_edges = edges.get(key, 0) + relaxation.checked.estimated_edges
-            if key in atoms and (new_atoms > limits.max_atoms or new_edges > limits.max_edges):
+            if key in atoms and (new_atoms > max_atoms or new_edges > max_edges):
                 blocked.add(key)
                 continue
             atoms[key], edges[key] = new_atoms, new_edges
@@ -403,3 +407,9 @@ class RelaxEngine:
         else:
             self._metrics.finished.labels(label, error.code).inc()
         relaxation.future.set_result(outcome)
+
+
+def round_budget(limits: BatchLimits) -> tuple[int, int]:
+    """Atoms and edges in flight per model: its batch budget, at least a GPU's default."""
+    atoms, edges = DEVICE_BUDGETS["accelerator"]
+    return max(limits.max_atoms, atoms), max(limits.max_edges, edges)

@@ -6,6 +6,8 @@ alone, cancellation and deadlines per structure."""
 from __future__ import annotations
 
 import queue
+import threading
+import time
 
 import numpy as np
 import torch
@@ -115,6 +117,42 @@ def test_batches_stay_full_and_every_structure_is_answered_once() -> None:
     # several structures per batch: far fewer batches than force evaluations
     assert batches < steps / 2
     assert atoms_per_batch / batches > 20
+
+
+def test_a_cpu_server_keeps_more_relaxations_in_flight_than_one_cpu_batch_holds() -> None:
+    """On a CPU a batch holds at most 12288 edges, yet a round holds a GPU batch's worth of
+    relaxations, run as several CPU batches: bounded by one CPU batch, 24 crystals of
+    ~860 estimated edges would be in flight 14 at a time."""
+    structures = []
+    for index in range(24):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)  # 64 atoms
+        atoms.rattle(0.05, seed=index)
+        structures.append(atoms)
+    with running_server({"small": small_model()}) as server:
+        assert server.registry.resolve("small").batcher.limits.max_edges == 12288
+        peak = []
+
+        def watch() -> None:
+            gauge = ("crossfield_relaxations_in_flight", frozenset())
+            while not done.is_set():
+                peak.append(scrape(server)[gauge])
+                time.sleep(0.02)
+
+        done = threading.Event()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            client = Client(f"127.0.0.1:{server.port}", model="small")
+            results = list(client.relax_many(structures, fmax=1e-6, max_steps=20))
+            client.close()
+        finally:
+            done.set()
+            watcher.join()
+        metrics = scrape(server)
+    assert len(results) == 24 and all(r.ok for r in results)
+    assert max(peak) == 24
+    batches = metrics[("crossfield_batch_structures_count", frozenset({("model", "small")}))]
+    assert batches >= 2 * 21  # every round of 24 ran as two or more CPU-sized batches
 
 
 def test_a_structure_whose_forces_blow_up_fails_alone() -> None:

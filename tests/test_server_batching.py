@@ -107,13 +107,14 @@ def test_edge_budget_splits_batches(model) -> None:
 
 
 def test_a_cpu_server_keeps_batches_within_its_cache_friendly_budget(model) -> None:
-    """Left unset, the budgets are the device's: on a CPU 512 atoms and 4096 edges (larger
-    batches run slower per structure there), so 216-atom crystals of 3456 edges run one
-    at a time however many wait; the GPU budget, given explicitly, takes them together."""
-    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat(3)  # 216 atoms
+    """Left unset, the budgets are the device's: on a CPU 12288 edges (larger batches run
+    slower per edge there), so 512-atom crystals of 8192 edges (6.9k estimated, which is
+    what the batcher counts) run one at a time however many wait; the GPU budget, given
+    explicitly, takes them together."""
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat(4)  # 512 atoms
     structure = Structure.from_atoms(crystal)
     edges = len(neighbour_list(structure.positions, structure.cell, structure.pbc, 4.0)[0])
-    assert 4096 / 2 < edges < 4096  # one fits the CPU's edge budget, two do not
+    assert 12288 / 2 < edges < 12288  # one fits the CPU's edge budget, two do not
     requests = [request_for(structure, id=str(i)) for i in range(4)]
     budgets = {"cpu": {}, "gpu": {"max_atoms": 4096, "max_edges": 131072}}
     batches = {}
@@ -121,7 +122,7 @@ def test_a_cpu_server_keeps_batches_within_its_cache_friendly_budget(model) -> N
         with running_server({"small": model}, max_delay=0.5, **limits) as server:
             served = server.registry.resolve("small")
             assert (served.batcher.limits.max_atoms, served.batcher.limits.max_edges) == (
-                (512, 4096) if device == "cpu" else (4096, 131072)
+                (4096, 12288) if device == "cpu" else (4096, 131072)
             )
             with runner_held(server):  # all four wait together for the device
                 call = stub(server).ComputeStream(iter(requests), timeout=60)
