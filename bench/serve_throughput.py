@@ -46,33 +46,40 @@ from crossfield.v1.messages import compute_request
 COMPUTE = "/crossfield.v1.Inference/Compute"
 
 
-def _run_clients(address: str, batches: list[list[bytes]]) -> tuple[float, list[str]]:
-    """One thread per client, each with its own channel, sending its requests in turn;
-    returns the wall time from the moment all clients are connected, and any errors."""
-    import grpc
-
-    barrier = threading.Barrier(len(batches) + 1)
-    errors: list[str] = []
-
-    def client(requests: list[bytes]) -> None:
-        with grpc.insecure_channel(address) as channel:
-            call = channel.unary_unary(COMPUTE)  # raw bytes in and out
-            grpc.channel_ready_future(channel).result(timeout=60)
-            barrier.wait()
-            for request in requests:
-                try:
-                    inference_pb2.ComputeResponse.FromString(call(request, timeout=120))
-                except grpc.RpcError as err:
-                    errors.append(f"{err.code()}: {err.details()}")
-
-    threads = [threading.Thread(target=client, args=(b,)) for b in batches]
+def _race(client, work: list) -> float:
+    """Run ``client(item, ready)`` in one thread per item of ``work``; each calls
+    ``ready()`` once connected. Returns the wall time from the moment all are ready until
+    all have finished."""
+    barrier = threading.Barrier(len(work) + 1)
+    threads = [threading.Thread(target=client, args=(item, barrier.wait)) for item in work]
     for thread in threads:
         thread.start()
     barrier.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - start, errors
+    return time.perf_counter() - start
+
+
+def _run_clients(address: str, batches: list[list[bytes]]) -> tuple[float, list[str]]:
+    """One thread per client, each with its own channel, sending its requests in turn;
+    returns the wall time from the moment all clients are connected, and any errors."""
+    import grpc
+
+    errors: list[str] = []
+
+    def client(requests: list[bytes], ready) -> None:
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(COMPUTE)  # raw bytes in and out
+            grpc.channel_ready_future(channel).result(timeout=60)
+            ready()
+            for request in requests:
+                try:
+                    inference_pb2.ComputeResponse.FromString(call(request, timeout=120))
+                except grpc.RpcError as err:
+                    errors.append(f"{err.code()}: {err.details()}")
+
+    return _race(client, batches), errors
 
 
 def _run_session_clients(address: str, trajectories: list[list[tuple]]) -> tuple[float, list[str]]:
@@ -84,10 +91,10 @@ def _run_session_clients(address: str, trajectories: list[list[tuple]]) -> tuple
 
     errors: list[str] = []
 
-    def client(steps: list[tuple]) -> None:
+    def client(steps: list[tuple], ready) -> None:
         with Client(address, model="bench", timeout=120) as remote:
             session = remote.session()
-            barrier.wait()
+            ready()
             atoms = None
             for numbers, positions, cell, pbc in steps:
                 if atoms is None:
@@ -100,15 +107,7 @@ def _run_session_clients(address: str, trajectories: list[list[tuple]]) -> tuple
                     errors.append(str(err))
             session.close()
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in trajectories if t]
-    barrier = threading.Barrier(len(threads) + 1)
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - start, errors
+    return _race(client, [t for t in trajectories if t]), errors
 
 
 def _client_main(address: str, path: str) -> int:
