@@ -289,26 +289,15 @@ class Batcher:
 
     def _take(self) -> list[WorkItem]:
         """Pop the oldest live items that fit the budget (at least one); drop withdrawn,
-        cancelled and expired ones on the way.
-
-        When more is queued than one budget holds, the queue is cut into equal parts
-        rather than full budgets and a remainder: this batch takes its share (it stops
-        once it reaches ``total / parts``). A remainder of a few structures would cost a
-        whole model call's fixed overhead (25-50 ms for the default model eager on a CPU)
-        for little work."""
-        limits = self.limits
-        parts = max(-(-self._atoms // limits.max_atoms), -(-self._edges // limits.max_edges), 1)
-        share_atoms, share_edges = self._atoms / parts, self._edges / parts
+        cancelled and expired ones on the way."""
         items: list[WorkItem] = []
         atoms = edges = 0
         now = time.monotonic()
         while (item := self._head()) is not None:
             request = item.request
             fits = (
-                atoms + request.num_atoms <= limits.max_atoms
-                and edges + request.estimated_edges <= limits.max_edges
-                and atoms < share_atoms
-                and edges < share_edges
+                atoms + request.num_atoms <= self.limits.max_atoms
+                and edges + request.estimated_edges <= self.limits.max_edges
             )
             if items and not fits:
                 break

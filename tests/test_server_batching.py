@@ -18,7 +18,6 @@ import torch
 from ase.build import bulk, molecule
 from server_support import (
     HEADS,
-    queued,
     request_for,
     runner_held,
     running_server,
@@ -90,33 +89,6 @@ def test_full_atom_budget_dispatches_without_waiting_for_the_delay(model) -> Non
     assert metrics[("crossfield_batch_structures_count", SMALL)] == 2  # 4 waters = 12 atoms each
     assert metrics[("crossfield_batch_atoms_bucket", SMALL | {("le", "8.0")})] == 0
     assert metrics[("crossfield_batch_atoms_bucket", SMALL | {("le", "32.0")})] == 2
-
-
-def wait_settled(server, count: int, hold: float = 0.3) -> None:
-    """Wait until exactly ``count`` structures are queued and stay so for ``hold`` s (a
-    count passed on the way up would not stay)."""
-    deadline = time.monotonic() + 30.0
-    while True:
-        if queued(server) == count:
-            time.sleep(hold)
-            if queued(server) == count:
-                return
-        assert time.monotonic() < deadline, f"the queue never settled at {count}"
-        time.sleep(0.02)
-
-
-def test_a_queue_longer_than_one_budget_is_cut_into_equal_batches(model) -> None:
-    """Four waters (12 atoms) against a 10-atom budget: two batches of two, not three and
-    a remainder of one that would pay a whole model call for one molecule."""
-    with running_server({"small": model}, max_delay=20.0, max_atoms=10) as server:
-        with runner_held(server):  # the fourth fills the budget: the batcher cuts then
-            call = stub(server).ComputeStream(iter(request_for(s) for s in waters(4)), timeout=60)
-            wait_settled(server, 2)  # two taken behind the held device, two queued
-        responses = list(call)
-        metrics = scrape(server)
-    assert len(responses) == 4 and all(r.status.code == 0 for r in responses)
-    assert metrics[("crossfield_batch_structures_count", SMALL)] == 2
-    assert metrics[("crossfield_batch_atoms_bucket", SMALL | {("le", "8.0")})] == 2  # 6 and 6
 
 
 def test_edge_budget_splits_batches(model) -> None:
