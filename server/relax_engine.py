@@ -10,18 +10,17 @@ edge budget of one batch of their model on a GPU (``BatchLimits``; on a CPU, who
 batches hold fewer edges, by the GPU's default budget, which the batcher then runs as a
 few CPU-sized batches), so that every round is full, as torch-sim's
 ``InFlightAutoBatcher`` keeps its batch full (bounded by one CPU batch, 64 relaxations of
-64-atom crystals would be in flight about 4 at a time).
+64-atom crystals would be in flight about 7 at a time).
 
 Why through the batcher rather than a device loop of its own: a relaxation step is then a
 Compute request in every respect. Each step is checked as one (``validation.check_request``
 on the new positions: coordinates, canonical frame, the graph's cost bound, so a structure
 that flies apart or collapses is refused alone, with its last state); its neighbour list
-is built afresh by the runner's ``GraphBuilder`` (untrusted work in worker processes
-beyond the in-process bound), its batch runs on the device's one runner thread, which
-also isolates a structure whose forces are not finite; and Compute traffic and
-relaxations share the device through the runner's turns instead of fighting over it.
-Rebuilding the neighbour list every step costs little next to the model (a Verlet skin
-would save it at the price of a second graph path).
+is its own Verlet list (``verlet.py``, as an MD session's), rebuilt by the runner's
+``GraphBuilder`` (untrusted work in worker processes beyond the in-process bound) only
+when an atom has moved more than half the skin; its batch runs on the device's one runner
+thread, which also isolates a structure whose forces are not finite; and Compute traffic
+and relaxations share the device through the runner's turns instead of fighting over it.
 
 The engine never touches gRPC: the service (``relax_service.py``) hands it
 ``Relaxation`` objects and waits on their futures.
