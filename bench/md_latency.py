@@ -10,6 +10,8 @@ atoms with:
 - ``remote``: ``RemoteCalculator`` (its default: an MD session, positions only after the
   first step) against ``crossfield serve`` with its default settings, a separate process
   with the same model, dtype and torch threads;
+- ``remote, model process``: the same against ``crossfield serve --model-process``, whose
+  model runs in a process of its own (one more hop per step, through a pipe);
 - ``remote-unary``: the same with ``session=False`` (one Compute call per step);
 - ``i-PI TCP`` and ``i-PI UNIX``: ASE's ``SocketIOCalculator`` here, driving an ASE
   ``SocketClient`` in another process that evaluates the same model with
@@ -94,13 +96,15 @@ def time_md(calculator, atoms_count: int, steps: int, observe=None, warmup: int 
     return float(np.median(np.diff(stamps)))  # after the warm-up, observers run per step
 
 
-def start_server(args, checkpoint: Path | None) -> tuple[subprocess.Popen, str]:
-    """``crossfield serve`` in its own process with its default batching settings; returns
-    it and its address."""
+def start_server(
+    args, checkpoint: Path | None, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """``crossfield serve`` in its own process with its default batching settings and
+    ``extra`` options; returns it and its address."""
     command = [
         *(sys.executable, "-m", "crossfield.cli", "serve", "--host", "127.0.0.1"),
         *("--port", "0", "--metrics-port", "-1", "--dtype", args.dtype, "--device", "cpu"),
-        *("--threads", str(args.threads)),
+        *("--threads", str(args.threads), *extra),
     ]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint), "--name", "default"]
@@ -173,7 +177,7 @@ def plot(result: dict, path: Path) -> None:
 
     modes = [m for m in MODES if m != "in-process"]
     sizes = list(result["sizes"])
-    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    figure, axis = plt.subplots(figsize=(7.6, 3.8))
     width = 0.8 / len(modes)
     for k, mode in enumerate(modes):
         heights = [result["sizes"][n]["overhead_ms"][mode] for n in sizes]
@@ -193,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-MODES = ("in-process", "remote", "remote-unary", "i-PI TCP", "i-PI UNIX")
+MODES = ("in-process", "remote", "remote, model process", "remote-unary", "i-PI TCP", "i-PI UNIX")
 
 
 def main() -> None:
@@ -221,6 +225,7 @@ def main() -> None:
             save_checkpoint(small_model(), checkpoint)
         model = load(args, checkpoint)
         server, address = start_server(args, checkpoint)
+        process_server, process_address = start_server(args, checkpoint, ("--model-process",))
         # the shipped default model's heads do not cover Cu: its answers are flagged as
         # extrapolations, at the same cost (in-process and i-PI answer without asking)
         remote = {"model": "default", "allow_extrapolation": True}
@@ -237,6 +242,7 @@ def main() -> None:
                     calculators = {
                         "in-process": CrossfieldCalculator(model, dtype=dtype),
                         "remote": RemoteCalculator(address, **remote),
+                        "remote, model process": RemoteCalculator(process_address, **remote),
                         "remote-unary": RemoteCalculator(address, session=False, **remote),
                         "i-PI TCP": sockets[n, False],
                         "i-PI UNIX": sockets[n, True],
@@ -255,8 +261,9 @@ def main() -> None:
         finally:
             for calculator in sockets.values():
                 calculator.close()
-            server.terminate()
-            server.wait(timeout=60)
+            for process in (server, process_server):
+                process.terminate()
+                process.wait(timeout=60)
     result = {
         "conditions": {
             "model": args.model,

@@ -154,9 +154,12 @@ def properties(structure) -> tuple[str, ...]:
     return ("energy", "forces", "stress") if any(structure.pbc) else ("energy", "forces")
 
 
-def serve_and_load(model, structures, clients: int, dtype, mode: str) -> tuple[float, float, float]:
+def serve_and_load(
+    model, structures, clients: int, dtype, mode: str, model_process: bool = False
+) -> tuple[float, float, float]:
     """Throughput of a real server under ``clients`` concurrent clients talking ``mode``
-    (unary or sessions); returns (structures per second, mean batch size the batcher
+    (unary or sessions), the model evaluated in the server's process or (``model_process``)
+    in a process of its own; returns (structures per second, mean batch size the batcher
     formed, fraction of the time the runner was computing)."""
     from crossfield.server.app import InferenceServer, ServerConfig
 
@@ -167,6 +170,7 @@ def serve_and_load(model, structures, clients: int, dtype, mode: str) -> tuple[f
         metrics_port=0,
         device="cpu",
         dtype=dtype,
+        model_process=model_process,
     )
     server = InferenceServer(config)
     server.add_model(model, "bench", "1")
@@ -263,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch intra-op threads (1: no spin-wait thrash on small shared machines)",
     )
+    parser.add_argument(
+        "--model-process",
+        choices=("off", "on", "both"),
+        default="both",
+        help="evaluate the model in the server's process (off), in a process of its own "
+        "(on, crossfield serve --model-process), or measure both side by side",
+    )
     parser.add_argument("--quick", action="store_true", help="half the structures")
     parser.add_argument("--out", type=Path, default=Path("docs/serve_throughput.json"))
     args = parser.parse_args(argv)
@@ -274,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype)
     scale = 2 if args.quick else 1
+    placements = {"off": [False], "on": [True], "both": [False, True]}[args.model_process]
     print(
         f"model={args.model} dtype={args.dtype} clients={args.clients} "
         f"torch_threads={torch.get_num_threads()}"
     )
     header = (
-        f"{'workload':<20} {'n':>5} {'server s/s':>11} {'atoms/s':>9} {'batch':>6} {'busy':>5} "
+        f"{'workload':<30} {'n':>5} {'server s/s':>11} {'atoms/s':>9} {'batch':>6} {'busy':>5} "
         f"{'(a) s/s':>9} {'(b) s/s':>9} {'server/(a)':>10} {'server/(b)':>10}"
     )
     print(header)
@@ -293,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         in_process(model, structures[:4], 4)  # warm up
         single = in_process(model, structures[: max(8, count // 4)], 1)
         rows[kind] = {}
-        for mode in ("unary", "sessions"):
-            served, batch, busy = serve_and_load(model, structures, args.clients, dtype, mode)
+        for mode, placed in [(m, p) for m in ("unary", "sessions") for p in placements]:
+            served, batch, busy = serve_and_load(
+                model, structures, args.clients, dtype, mode, placed
+            )
             batched = in_process(model, structures, max(1, round(batch)))
+            if placed:
+                mode += ", model process"
             print(
-                f"{kind + ', ' + mode:<20} {count:>5} {served:>11.1f} {served * atoms:>9.0f} "
+                f"{kind + ', ' + mode:<30} {count:>5} {served:>11.1f} {served * atoms:>9.0f} "
                 f"{batch:>6.1f} {busy:>5.0%} {batched:>9.1f} {single:>9.1f} "
                 f"{served / batched:>10.2f} {served / single:>10.2f}"
             )
@@ -339,7 +355,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [(kind, mode) for kind, modes in result["workloads"].items() for mode in modes]
-    figure, axis = plt.subplots(figsize=(7.2, 3.6))
+    figure, axis = plt.subplots(figsize=(max(7.2, 1.2 * len(runs)), 3.6))
     ratios = (
         ("vs_batched", "server / in-process batched"),
         ("vs_one_at_a_time", "server / one at a time"),
@@ -349,7 +365,8 @@ def plot(result: dict, path: Path) -> None:
         bars = axis.bar([i + 0.4 * k for i in range(len(runs))], heights, 0.4, label=label)
         axis.bar_label(bars, fmt="%.2f", fontsize=8)
     axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([i + 0.2 for i in range(len(runs))], [f"{k}\n{m}" for k, m in runs])
+    labels = ["\n".join((kind, *mode.split(", "))) for kind, mode in runs]
+    axis.set_xticks([i + 0.2 for i in range(len(runs))], labels)
     axis.set_ylabel("throughput ratio")
     conditions = result["conditions"]
     axis.set_title(

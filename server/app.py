@@ -39,6 +39,7 @@ from .admin import AdminService
 from .batcher import BatchLimits
 from .loop import LoopThread
 from .metrics import Metrics
+from .model_process import ModelProcess
 from .models import Backend, ModelRegistry, ServedModel, serve_model
 from .relax_engine import RelaxEngine
 from .relax_metrics import RelaxMetrics
@@ -81,6 +82,17 @@ class ServerConfig:
     poll_interval: float = 10.0  # seconds between repository scans; 0: only on admin calls
     version_policy: str = "latest"  # for models without their own config.json
     backend: Backend = field(default_factory=Backend)  # per model: REPO/NAME/config.json
+    model_process: bool = False  # CPU only: evaluate models in a child process (model_process.py)
+
+
+def model_process(config: ServerConfig, metrics: Metrics) -> ModelProcess | None:
+    """The model process ``config`` asks for (CPU devices only: on a GPU the kernels run
+    asynchronously and the device, not the lock, is what batches wait for)."""
+    if not config.model_process:
+        return None
+    if torch.device(config.device).type != "cpu":
+        raise ValueError(f"model_process: runs models on the CPU only, not on {config.device!r}")
+    return ModelProcess(on_restart=metrics.model_process_restarts.inc)
 
 
 class InferenceServer:
@@ -91,7 +103,12 @@ class InferenceServer:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.registry = ModelRegistry()
-        self.runner = Runner(self.config.device, self.metrics, self.config.limits.graphs)
+        self.runner = Runner(
+            self.config.device,
+            self.metrics,
+            self.config.limits.graphs,
+            model_process(self.config, self.metrics),
+        )
         self.relax = RelaxEngine(self.registry, RelaxMetrics(self.metrics.registry))
         self.repository: ModelRepository | None = None
         if self.config.repository is not None:

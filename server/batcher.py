@@ -50,7 +50,7 @@ from .errors import (
 )
 from .graph_cost import GraphLimits
 from .metrics import Metrics
-from .runner import Job, Runner
+from .runner import Evaluator, Job, Runner
 from .work import WorkItem
 
 
@@ -108,9 +108,11 @@ class Batcher:
         limits: BatchLimits,
         metrics: Metrics,
         version: str = "",
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.limits = limits.on(runner.device)
         self._model = model
+        self._evaluator = evaluator  # None: the runner calls the model itself
         self._label = label
         self._version = version
         self._runner = runner
@@ -253,7 +255,13 @@ class Batcher:
             self._runner.release()
             return None
         self._last_batch = len(items)
-        return Job(model=self._model, label=self._label, items=items, version=self._version)
+        return Job(
+            model=self._model,
+            label=self._label,
+            items=items,
+            version=self._version,
+            evaluator=self._evaluator,
+        )
 
     def _loop(self) -> None:
         """Time the oldest structure's delay while the device is idle, and hand over a

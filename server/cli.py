@@ -161,6 +161,14 @@ def register(subparsers) -> None:
         help="torch intra-op CPU threads (default: torch's choice)",
     )
     parser.add_argument(
+        "--model-process",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="CPU only: evaluate the models in a process of their own, so that they do not "
+        "share the interpreter lock with the server's I/O (more structures/s under many "
+        "clients; see the README's serving throughput)",
+    )
+    parser.add_argument(
         "--max-workers",
         action=_Removed,
         help=argparse.SUPPRESS,
@@ -381,10 +389,15 @@ def run(args: argparse.Namespace) -> int:
         backend=Backend(
             args.backend, args.compile_cache or default_cache_dir(), args.compile_shapes
         ),
+        model_process=args.model_process,
     )
     if args.device:
         config.device = args.device
-    server = InferenceServer(config)
+    try:
+        server = InferenceServer(config)
+    except ValueError as err:  # e.g. --model-process on a GPU
+        print(f"crossfield serve: {err}", file=sys.stderr)
+        return 2
     try:
         if args.repo is None and not args.checkpoints:
             from crossfield.model.presets import default_model

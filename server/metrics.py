@@ -49,6 +49,11 @@ class Metrics:
             ["model", "version", "head", "status"],
             registry=r,
         )
+        self.model_process_restarts = Counter(
+            "crossfield_model_process_restarts",
+            "Model processes started again after one died (--model-process)",
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "crossfield_queue_seconds",
             "Time a structure waited in its model's queue",

@@ -25,6 +25,7 @@ from crossfield.model.backends import BACKEND_CHOICES, compile_model, ready_back
 from .batcher import Batcher, BatchLimits
 from .errors import NotFoundError, UnavailableError
 from .metrics import Metrics
+from .model_process import ModelProcess, ModelProcessError, ModelSpec, ProcessModel, pickle_model
 from .provenance import public_metadata
 from .runner import Runner
 
@@ -42,6 +43,7 @@ class ServedModel:
     max_atoms_per_structure: int
     metadata: dict[str, Any] = field(default_factory=dict)
     backend: str = "eager"
+    evaluator: ProcessModel | None = None  # its copy in the runner's model process, if any
     element_allowed: np.ndarray = field(init=False)  # [119] bool, by atomic number
 
     def __post_init__(self) -> None:
@@ -91,7 +93,9 @@ def serve_model(
     Compilation happens here, in the loading thread, and the compiled model must reproduce
     eager's numbers on example batches (``CompiledModel.warm_up``) before it can serve: no
     request ever waits for a compiler or gets a miscompiled answer. Raises ``ValueError``
-    (or the backend's error) when that fails, before anything is visible to requests.
+    (or the backend's error) when that fails, before anything is visible to requests. With
+    a model process (``runner.process``) the same happens there, and this process keeps
+    the eager model for graph building.
     """
     backend = backend or Backend()
     model = model.to(device=runner.device, dtype=dtype).eval()
@@ -110,22 +114,29 @@ def serve_model(
             else " (no compiled package in the cache: 'crossfield compile' "
             "builds one, 2-5x faster for small structures)",
         )
-    if kind != "eager":
+    evaluator = None
+    if runner.process is not None:
+        evaluator, seconds = load_in_process(model, kind, dtype, backend, runner.process)
+        if seconds is not None:
+            metrics.model_compile_seconds.labels(name, version, kind).set(seconds)
+    elif kind != "eager":
         compiled = compile_model(
             model, kind, dtype, runner.device, backend.cache_dir, backend.shapes
         )
         report = compiled.warm_up()
         metrics.model_compile_seconds.labels(name, version, kind).set(report.seconds)
         model = compiled
-    warm_up(model)
+    if evaluator is None:
+        warm_up(model)
     served = ServedModel(
         name=name,
         version=version,
         model=model,
-        batcher=Batcher(model, name, runner, limits, metrics, version),
+        batcher=Batcher(model, name, runner, limits, metrics, version, evaluator),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=public_metadata(dict(metadata or {})),  # clients see it: no paths
         backend=kind,
+        evaluator=evaluator,
     )
     metrics.model_loaded.labels(name, version, served.dtype, served.device).set(1)
     return served
@@ -135,9 +146,30 @@ def retire(served: ServedModel, metrics: Metrics) -> None:
     """Release a version taken out of the registry: its batcher runs what it already
     holds (those batches finish on this version), then the model can be freed."""
     served.batcher.close()
+    if served.evaluator is not None:
+        served.evaluator.process.drop(served.evaluator.key)
     metrics.model_loaded.remove(served.name, served.version, served.dtype, served.device)
     if served.backend != "eager":
         metrics.model_compile_seconds.remove(served.name, served.version, served.backend)
+
+
+def load_in_process(
+    model: CrossfieldMACE, kind: str, dtype: torch.dtype, backend: Backend, process: ModelProcess
+) -> tuple[ProcessModel, float | None]:
+    """``model`` compiled for ``kind`` and warmed up in the model process; its evaluator
+    there and the compile time. Raises ``ValueError`` naming the child's error."""
+    spec = ModelSpec(
+        module=pickle_model(model),
+        backend=kind,
+        dtype=str(dtype).removeprefix("torch."),
+        cache_dir=None if backend.cache_dir is None else str(backend.cache_dir),
+        shapes=backend.shapes,
+    )
+    try:
+        key, report = process.load(spec)
+    except ModelProcessError as err:
+        raise ValueError(f"model process: {err}") from None
+    return ProcessModel(process, key), report["compile_seconds"]
 
 
 def warm_up(model: CrossfieldMACE) -> None:

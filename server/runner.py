@@ -7,6 +7,11 @@ halves and retried, down to single structures, so only the culprit gets an error
 this also turns an out-of-memory batch into smaller ones that fit. Graph building, the
 untrusted part, belongs to the runner's ``GraphBuilder`` (``graphs.py``) and its worker
 processes; batchers call ``prepare`` to build a job's graph in their own thread.
+
+Where a batch is evaluated is the job's ``evaluator``: the model itself, in this thread, or
+(``crossfield serve --model-process``, CPU only) its copy in the runner's model process
+(``model_process.py``), so that the model does not share the interpreter lock with the
+server's I/O; the runner's thread then waits on a pipe, and everything else stays here.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .errors import ComputeError, InvalidArgumentError, RequestCancelledError
 from .graph_cost import GraphLimits
 from .graphs import GraphBuilder
 from .metrics import Metrics
+from .model_process import ModelProcess
 from .work import StructureResult, WorkItem
 
 log = logging.getLogger(__name__)
@@ -38,12 +44,13 @@ log = logging.getLogger(__name__)
 class Job:
     """A batch ready to run: items of one model, and their graphs when already built."""
 
-    model: CrossfieldMACE
+    model: CrossfieldMACE  # graphs are built and collated for it
     label: str  # model name for metrics
     items: list[WorkItem]
     graph: GraphBatch | None = None
     graphs: list[StructureGraph] | None = None  # per item: a failed batch splits them
     version: str = ""  # model version for metrics
+    evaluator: Evaluator | None = None  # what evaluates the batch; None: ``model`` itself
 
 
 def collate_items(
@@ -56,6 +63,15 @@ def collate_items(
     config = model.config
     structures = [item.request.structure for item in items]
     return collate(structures, graphs, config.elements, config.head_names, model.dtype, device)
+
+
+class Evaluator(Protocol):
+    """A model as the runner calls it: the model itself, or its copy in a model process
+    (``model_process.ProcessModel``)."""
+
+    def __call__(
+        self, graph: GraphBatch, compute_forces: bool = ..., compute_stress: bool = ...
+    ) -> dict[str, torch.Tensor]: ...
 
 
 class Source(Protocol):
@@ -98,10 +114,15 @@ class Runner:
     """
 
     def __init__(
-        self, device: torch.device | str, metrics: Metrics, graphs: GraphLimits | None = None
+        self,
+        device: torch.device | str,
+        metrics: Metrics,
+        graphs: GraphLimits | None = None,
+        process: ModelProcess | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.graphs = GraphBuilder(graphs or GraphLimits())
+        self.process = process  # where the models evaluate; None: in this thread
         self._metrics = metrics
         self._jobs: queue.SimpleQueue[Job | _Poke | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -184,6 +205,8 @@ class Runner:
         self._jobs.put(None)
         self._thread.join()
         self.graphs.close()
+        if self.process is not None:
+            self.process.close()
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -196,7 +219,7 @@ class Runner:
                 _cancel(job.items)  # every caller went away while the batch waited
             else:
                 start = time.monotonic()
-                self._run(job.model, job.items, job.graph, job.graphs)
+                self._run(job.model, job.evaluator, job.items, job.graph, job.graphs)
                 self._record(job, time.monotonic() - start)
             with self._lock:
                 self._pending -= 1
@@ -221,6 +244,7 @@ class Runner:
     def _run(
         self,
         model: CrossfieldMACE,
+        evaluator: Evaluator | None,
         items: list[WorkItem],
         graph: GraphBatch | None = None,
         graphs: list[StructureGraph] | None = None,
@@ -233,7 +257,7 @@ class Runner:
         try:
             if graph is None:
                 graph = collate_items(model, items, graphs, self.device)
-            results = compute(model, graph, items)
+            results = compute(evaluator or model, graph, items)
         except Exception as err:  # any failure: isolate the structure(s) responsible
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -244,8 +268,8 @@ class Runner:
                 )
                 return
             half = len(items) // 2
-            self._run(model, items[:half], None, graphs[:half])
-            self._run(model, items[half:], None, graphs[half:])
+            self._run(model, evaluator, items[:half], None, graphs[:half])
+            self._run(model, evaluator, items[half:], None, graphs[half:])
             return
         elapsed = time.monotonic() - start
         for item, result in zip(items, results):
@@ -278,7 +302,7 @@ def _cancel(items: Sequence[WorkItem]) -> None:
 
 
 def compute(
-    model: CrossfieldMACE, graph: GraphBatch, items: Sequence[WorkItem]
+    model: Evaluator, graph: GraphBatch, items: Sequence[WorkItem]
 ) -> list[StructureResult | Exception]:
     """Evaluate one batch and split the outputs per structure.
 

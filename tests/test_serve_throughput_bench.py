@@ -1,5 +1,6 @@
 """``bench/serve_throughput.py`` end to end at a tiny size: a real server, a client process
-in both modes (unary calls and MD sessions), and the JSON the README quotes.
+in both modes (unary calls and MD sessions), the model in the server's process and in a
+process of its own, and the JSON the README quotes.
 
 The bench raises when any request fails, so this also checks that every one of the
 clients' structures was answered in both modes.
@@ -20,7 +21,8 @@ def test_serve_throughput_measures_unary_calls_and_sessions(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["workloads"]) == {"molecules", "crystals"}
     for kind, modes in result["workloads"].items():
-        assert set(modes) == {"unary", "sessions"}, kind
+        expected = {"unary", "sessions", "unary, model process", "sessions, model process"}
+        assert set(modes) == expected, kind
         for row in modes.values():
             assert row["server_per_s"] > 0 and row["mean_batch"] >= 1
             assert row["vs_batched"] == row["server_per_s"] / row["in_process_batched_per_s"]
