@@ -73,9 +73,11 @@ class BatchLimits:
         if self.max_delay < 0:
             raise ValueError(f"max_delay: must be >= 0, got {self.max_delay}")
 
-    def on(self, device: torch.device) -> BatchLimits:
-        """These limits with ``device``'s budget (``DEVICE_BUDGETS``) where none was set."""
-        atoms, edges = DEVICE_BUDGETS["cpu" if device.type == "cpu" else "accelerator"]
+    def on(self, device: torch.device, backend: str = "eager") -> BatchLimits:
+        """These limits with the budget of ``device`` running ``backend`` (``DEVICE_BUDGETS``)
+        where none was set."""
+        kind = "accelerator" if device.type != "cpu" else "cpu, aot" if backend == "aot" else "cpu"
+        atoms, edges = DEVICE_BUDGETS[kind]
         return replace(
             self,
             max_atoms=atoms if self.max_atoms is None else self.max_atoms,
@@ -93,8 +95,15 @@ class BatchLimits:
 # 15.8 -> 19.6 structures/s (eager) with a 4096-edge budget; but a relaxation farm of 64
 # small structures (9.1k estimated edges a round) ran 10 % slower with an 8192-edge budget,
 # which cut each round into two calls, and 34 % slower with 4096. 12288 on a CPU keeps
-# such rounds whole and crystals in batches of up to 6.
-DEVICE_BUDGETS = {"cpu": (4096, 12288), "accelerator": (4096, 131072)}
+# such rounds whole and crystals in batches of up to 6. An AOT package's fixed cost is
+# small enough that cutting those rounds costs little, while its batches of ~6 crystals
+# ran at 26 structures/s against 34 one at a time (bench/serve_throughput.py --backend
+# aot): so 4096 edges for it (batches of 2 such crystals).
+DEVICE_BUDGETS = {
+    "cpu": (4096, 12288),
+    "cpu, aot": (4096, 4096),
+    "accelerator": (4096, 131072),
+}
 
 
 class Batcher:
@@ -109,8 +118,9 @@ class Batcher:
         metrics: Metrics,
         version: str = "",
         evaluator: Evaluator | None = None,
+        backend: str = "eager",
     ) -> None:
-        self.limits = limits.on(runner.device)
+        self.limits = limits.on(runner.device, backend)
         self._model = model
         self._evaluator = evaluator  # None: the runner calls the model itself
         self._label = label

@@ -132,7 +132,7 @@ def serve_model(
         name=name,
         version=version,
         model=model,
-        batcher=Batcher(model, name, runner, limits, metrics, version, evaluator),
+        batcher=Batcher(model, name, runner, limits, metrics, version, evaluator, kind),
         max_atoms_per_structure=max_atoms_per_structure,
         metadata=public_metadata(dict(metadata or {})),  # clients see it: no paths
         backend=kind,
