@@ -21,6 +21,7 @@ runs with its default batching settings. Aims (issue 16): molecules >= 0.9 of (a
 beside it (``.png``).
 
 Usage: python bench/serve_throughput.py [--clients 32] [--model default|small] [--quick]
+       [--model-process off|on|both] [--backend eager|aot|compile|script]
        [--out docs/serve_throughput.json]
 """
 
@@ -155,13 +156,15 @@ def properties(structure) -> tuple[str, ...]:
 
 
 def serve_and_load(
-    model, structures, clients: int, dtype, mode: str, model_process: bool = False
+    model, structures, clients: int, dtype, mode: str, model_process: bool = False, backend=None
 ) -> tuple[float, float, float]:
     """Throughput of a real server under ``clients`` concurrent clients talking ``mode``
     (unary or sessions), the model evaluated in the server's process or (``model_process``)
     in a process of its own; returns (structures per second, mean batch size the batcher
-    formed, fraction of the time the runner was computing)."""
+    formed, fraction of the time the runner was computing). ``backend``: the server's
+    ``Backend`` (default eager)."""
     from crossfield.server.app import InferenceServer, ServerConfig
+    from crossfield.server.models import Backend
 
     config = ServerConfig(
         host="127.0.0.1",
@@ -171,6 +174,7 @@ def serve_and_load(
         device="cpu",
         dtype=dtype,
         model_process=model_process,
+        backend=backend or Backend(),
     )
     server = InferenceServer(config)
     server.add_model(model, "bench", "1")
@@ -223,14 +227,34 @@ def _sample(text: str, name: str) -> float:
 
 def in_process(model, structures, batch_size: int) -> float:
     """Structures per second evaluating ``structures`` in batches of ``batch_size`` with
-    graph building and per-structure results in numpy, as the runner does."""
+    graph building and per-structure results in numpy, as the runner does. One batch of
+    that size runs first, untimed, as the server's model had run batches of that size
+    long before: a compiled model's first calls at a new batch shape can be slow (in one
+    run an AOT package's first pass over 48 crystals in pairs gave 25.7 structures/s,
+    the next 35.5)."""
     from crossfield.model import evaluate
 
     stress = any(any(s.pbc) for s in structures)
+    evaluate(model, structures[:batch_size], compute_stress=stress)
     start = time.perf_counter()
     for first in range(0, len(structures), batch_size):
         evaluate(model, structures[first : first + batch_size], compute_stress=stress)
     return len(structures) / (time.perf_counter() - start)
+
+
+def servable(model, dtype, name: str, cache: Path | None):
+    """The server's ``Backend`` for ``name`` and the model the in-process references run:
+    ``model`` itself for eager, else compiled (and for aot, its package built and cached
+    first, so the server loads it as ``crossfield serve`` would after ``crossfield compile``)."""
+    from crossfield.model.backends import compile_model, default_cache_dir
+    from crossfield.server.models import Backend
+
+    if name == "eager":
+        return Backend(), model
+    cache = cache or default_cache_dir()
+    compiled = compile_model(model, name, dtype, "cpu", cache)
+    compiled.warm_up()
+    return Backend(name, cache), compiled
 
 
 def load_model(name: str, dtype):
@@ -274,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate the model in the server's process (off), in a process of its own "
         "(on, crossfield serve --model-process), or measure both side by side",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("eager", "aot", "compile", "script"),
+        default="eager",
+        help="how the server and the in-process references run the model (aot: the package "
+        "is built into --compile-cache first if it is not there, minutes)",
+    )
+    parser.add_argument(
+        "--compile-cache", type=Path, default=None, help="compiled artefacts (default: the user's)"
+    )
     parser.add_argument("--quick", action="store_true", help="half the structures")
     parser.add_argument("--out", type=Path, default=Path("docs/serve_throughput.json"))
     args = parser.parse_args(argv)
@@ -284,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype)
+    backend, reference = servable(model, dtype, args.backend, args.compile_cache)
     scale = 2 if args.quick else 1
     placements = {"off": [False], "on": [True], "both": [False, True]}[args.model_process]
     print(
@@ -302,14 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     ):
         structures = workload(kind, count, args.clients)
         atoms = sum(len(s.numbers) for s in structures) / len(structures)
-        in_process(model, structures[:4], 4)  # warm up
-        single = in_process(model, structures[: max(8, count // 4)], 1)
+        in_process(reference, structures[:4], 4)  # warm up
+        single = in_process(reference, structures[: max(8, count // 4)], 1)
         rows[kind] = {}
         for mode, placed in [(m, p) for m in ("unary", "sessions") for p in placements]:
             served, batch, busy = serve_and_load(
-                model, structures, args.clients, dtype, mode, placed
+                model, structures, args.clients, dtype, mode, placed, backend
             )
-            batched = in_process(model, structures, max(1, round(batch)))
+            batched = in_process(reference, structures, max(1, round(batch)))
             if placed:
                 mode += ", model process"
             print(
@@ -332,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": {
             "model": args.model,
             "dtype": args.dtype,
+            "backend": args.backend,
             "clients": args.clients,
             "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
@@ -371,6 +407,7 @@ def plot(result: dict, path: Path) -> None:
     conditions = result["conditions"]
     axis.set_title(
         f"{conditions['clients']} clients, {conditions['model']} model, {conditions['dtype']}, "
+        f"{conditions.get('backend', 'eager')}, "
         f"{conditions['cpus']} CPUs (shared)",
         fontsize=9,
     )
