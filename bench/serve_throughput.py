@@ -246,15 +246,14 @@ def servable(model, dtype, name: str, cache: Path | None):
     """The server's ``Backend`` for ``name`` and the model the in-process references run:
     ``model`` itself for eager, else compiled (and for aot, its package built and cached
     first, so the server loads it as ``crossfield serve`` would after ``crossfield compile``)."""
-    from crossfield.model.backends import compile_model, default_cache_dir
-    from crossfield.server.models import Backend
+    from crossfield.model.backends import default_cache_dir
+    from crossfield.server.models import Backend, ready_to_serve
 
     if name == "eager":
         return Backend(), model
-    cache = cache or default_cache_dir()
-    compiled = compile_model(model, name, dtype, "cpu", cache)
-    compiled.warm_up()
-    return Backend(name, cache), compiled
+    backend = Backend(name, cache or default_cache_dir())
+    compiled, _ = ready_to_serve(model, name, dtype, "cpu", backend.cache_dir, backend.shapes)
+    return backend, compiled
 
 
 def load_model(name: str, dtype):

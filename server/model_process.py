@@ -276,19 +276,12 @@ def serve_control(control: Connection, models: dict[str, Any]) -> None:
 
 def build(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     """The servable model of ``spec``, compiled and warmed up as ``serve_model`` does."""
-    from crossfield.model.backends import compile_model
-
-    from .models import warm_up
+    from .models import ready_to_serve
 
     model = torch.load(io.BytesIO(spec.module), weights_only=False).eval()
     dtype = getattr(torch, spec.dtype)
-    report: dict[str, Any] = {"compile_seconds": None}
-    if spec.backend != "eager":
-        compiled = compile_model(model, spec.backend, dtype, "cpu", spec.cache_dir, spec.shapes)
-        report["compile_seconds"] = compiled.warm_up().seconds
-        model = compiled
-    warm_up(model)
-    return model, report
+    model, seconds = ready_to_serve(model, spec.backend, dtype, "cpu", spec.cache_dir, spec.shapes)
+    return model, {"compile_seconds": seconds}
 
 
 def run(

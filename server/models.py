@@ -116,18 +116,13 @@ def serve_model(
         )
     evaluator = None
     if runner.process is not None:
-        evaluator, seconds = load_in_process(model, kind, dtype, backend, runner.process)
-        if seconds is not None:
-            metrics.model_compile_seconds.labels(name, version, kind).set(seconds)
-    elif kind != "eager":
-        compiled = compile_model(
+        evaluator, seconds = load_in_model_process(model, kind, dtype, backend, runner.process)
+    else:
+        model, seconds = ready_to_serve(
             model, kind, dtype, runner.device, backend.cache_dir, backend.shapes
         )
-        report = compiled.warm_up()
-        metrics.model_compile_seconds.labels(name, version, kind).set(report.seconds)
-        model = compiled
-    if evaluator is None:
-        warm_up(model)
+    if seconds is not None:
+        metrics.model_compile_seconds.labels(name, version, kind).set(seconds)
     served = ServedModel(
         name=name,
         version=version,
@@ -153,7 +148,27 @@ def retire(served: ServedModel, metrics: Metrics) -> None:
         metrics.model_compile_seconds.remove(served.name, served.version, served.backend)
 
 
-def load_in_process(
+def ready_to_serve(
+    model: CrossfieldMACE,
+    kind: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    cache_dir: Path | str | None,
+    shapes: str,
+) -> tuple[Any, float | None]:
+    """``model`` compiled for backend ``kind`` (its numbers checked against eager's on
+    example batches) and warmed up (``warm_up``), with the compile time (None for eager).
+    Where a model is made servable: here in ``serve_model``, or in the model process."""
+    seconds = None
+    if kind != "eager":
+        compiled = compile_model(model, kind, dtype, device, cache_dir, shapes)
+        seconds = compiled.warm_up().seconds
+        model = compiled
+    warm_up(model)
+    return model, seconds
+
+
+def load_in_model_process(
     model: CrossfieldMACE, kind: str, dtype: torch.dtype, backend: Backend, process: ModelProcess
 ) -> tuple[ProcessModel, float | None]:
     """``model`` compiled for ``kind`` and warmed up in the model process; its evaluator

@@ -34,7 +34,7 @@ from .errors import ComputeError, InvalidArgumentError, RequestCancelledError
 from .graph_cost import GraphLimits
 from .graphs import GraphBuilder
 from .metrics import Metrics
-from .model_process import ModelProcess
+from .model_process import OUTPUTS, ModelProcess
 from .work import StructureResult, WorkItem
 
 log = logging.getLogger(__name__)
@@ -316,9 +316,7 @@ def compute(
     with torch.set_grad_enabled(need_forces):
         out = model(graph, compute_forces=need_forces, compute_stress=need_stress)
     host = {
-        name: out[name].detach().to("cpu", torch.float64).numpy()
-        for name in ("energy", "node_energy", "forces", "stress")
-        if name in out
+        name: out[name].detach().to("cpu", torch.float64).numpy() for name in OUTPUTS if name in out
     }
     ptr = graph.ptr.tolist()
     results: list[StructureResult | Exception] = []

@@ -34,7 +34,7 @@ from crossfield.model.graph import Structure
 from crossfield.server.models import retire
 from crossfield.v1.messages import response_results
 
-IN_PROCESS = {"model_process": True}
+MODEL_PROCESS = {"model_process": True}
 
 
 def reference(model, batch: list[Structure]) -> list[dict]:
@@ -60,7 +60,7 @@ def test_a_model_process_answers_what_the_model_gives_in_process() -> None:
     model = small_model()
     batch = structures(16, seed=3)
     expected = reference(model, batch)
-    with running_server({"small": model}, settings=IN_PROCESS) as server:
+    with running_server({"small": model}, settings=MODEL_PROCESS) as server:
         futures = send_batch(server, batch)
         for index, future in enumerate(futures):
             check_answer(future.result(), expected[index], f"structure {index}")
@@ -71,7 +71,7 @@ def test_versions_live_side_by_side_in_the_model_process_and_leave_it_when_retir
     first, second = small_model(seed=0), small_model(seed=1)
     structure = structures(1, seed=11)[0]
     expected = {"1": reference(first, [structure])[0], "2": reference(second, [structure])[0]}
-    with running_server({"small": first}, settings=IN_PROCESS) as server:
+    with running_server({"small": first}, settings=MODEL_PROCESS) as server:
         server.add_model(second, "small", "2")
         inference = stub(server)
         for version, wanted in expected.items():
@@ -89,7 +89,7 @@ def test_a_killed_model_process_is_replaced_and_no_answer_is_lost() -> None:
     model = small_model()
     batch = structures(12, seed=5)
     expected = reference(model, batch)
-    with running_server({"small": model}, settings=IN_PROCESS) as server:
+    with running_server({"small": model}, settings=MODEL_PROCESS) as server:
         process = server.runner.process
         inference = stub(server)
         with runner_held(server):  # the batch is queued when the child dies
@@ -110,7 +110,7 @@ def test_a_structure_that_kills_the_model_process_fails_alone() -> None:
     batch = [s for s in structures(8, seed=7) if 14 not in s.numbers][:3]
     silicon = next(s for s in structures(8, seed=7) if 14 in s.numbers)
     expected = reference(small_model(), batch)
-    with running_server({"small": model}, settings=IN_PROCESS) as server:
+    with running_server({"small": model}, settings=MODEL_PROCESS) as server:
         futures = send_batch(server, [*batch, silicon])
         for index, future in enumerate(futures[:-1]):
             check_answer(future.result(), expected[index], f"molecule {index}")
