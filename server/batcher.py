@@ -96,9 +96,9 @@ class BatchLimits:
 # small structures (9.1k estimated edges a round) ran 10 % slower with an 8192-edge budget,
 # which cut each round into two calls, and 34 % slower with 4096. 12288 on a CPU keeps
 # such rounds whole and crystals in batches of up to 6. An AOT package's fixed cost is
-# small enough that cutting those rounds costs little, while its batches of ~6 crystals
-# ran at 26 structures/s against 34 one at a time (bench/serve_throughput.py --backend
-# aot): so 4096 edges for it (batches of 2 such crystals).
+# small enough that cutting those rounds costs little, while its batches of 6 crystals
+# ran at 25.7 and 23.5 structures/s against 35.8 and 36.5 one at a time and 35.5 in pairs
+# (in-process, side by side, twice): so 4096 edges for it (batches of 2 such crystals).
 DEVICE_BUDGETS = {
     "cpu": (4096, 12288),
     "cpu, aot": (4096, 4096),
