@@ -37,6 +37,7 @@ from crossfield.v1 import admin_pb2, inference_pb2, relax_pb2
 
 from .admin import AdminService
 from .batcher import BatchLimits
+from .inline import OpenCalls
 from .loop import LoopThread
 from .metrics import Metrics
 from .model_process import ModelProcess
@@ -208,10 +209,16 @@ class InferenceServer:
         server = grpc.aio.server(
             interceptors=[SecurityInterceptor(config.security, self.metrics)], options=options
         )
-        self._service = InferenceService(self.registry, self.metrics, config.streams)
+        calls = OpenCalls()
+        self._service = InferenceService(self.registry, self.metrics, config.streams, calls)
         add_service(server, INFERENCE, self._service)
         self._relax_service = RelaxService(
-            self.registry, self.relax, self.metrics, config.streams, config.max_message_bytes
+            self.registry,
+            self.relax,
+            self.metrics,
+            config.streams,
+            config.max_message_bytes,
+            calls,
         )
         add_service(server, RELAXATION, self._relax_service)
         services = [

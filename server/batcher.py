@@ -140,10 +140,13 @@ class Batcher:
         self._thread.start()
         runner.attach(self)
 
-    def submit(self, item: WorkItem) -> None:
+    def submit(self, item: WorkItem, here: bool = False) -> None:
         """Queue ``item``; QueueFullError when ``max_queue`` structures already wait,
         UnavailableError once closed. An idle device is asked to take the batch at once
-        when it is ready (see the module docstring)."""
+        when it is ready (see the module docstring). ``here``: the caller's call is the
+        only one open (``inline.py``); if the device is idle and nothing else is queued,
+        ``item`` is evaluated in the calling thread before this returns."""
+        job = None
         with self._cond:
             if self._closed:
                 raise UnavailableError("server is shutting down")
@@ -161,9 +164,14 @@ class Batcher:
             self._edges += item.request.estimated_edges
             self._depth.set(self._waiting)
             if self._runner.idle and self._ready(item, item.enqueued):
-                self._runner.poke()
+                if here and self._waiting == 1 and not self._runner.others_queued(self):
+                    job = self._take_job(item.enqueued, idle_only=True)
+                if job is None:
+                    self._runner.poke()
             elif first or self._budget_full():
                 self._cond.notify_all()  # a new deadline, or a full budget, for the thread
+        if job is not None:
+            self._runner.run_here(job)
 
     @property
     def queued(self) -> int:

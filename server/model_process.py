@@ -140,8 +140,9 @@ class _Child:
 class ModelProcess:
     """The child process that evaluates one CPU runner's models (parent side).
 
-    ``load`` and ``drop`` come from loading threads, ``evaluate`` from the runner's thread;
-    they may overlap (a version compiles in the child while another serves)."""
+    ``load`` and ``drop`` come from loading threads, ``evaluate`` from whichever thread
+    holds the runner's device (its own, or the I/O loop's for a lone session step); they
+    may overlap (a version compiles in the child while another serves)."""
 
     def __init__(
         self, threads: int | None = None, on_restart: Callable[[], None] | None = None

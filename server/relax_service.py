@@ -28,6 +28,7 @@ from crossfield.v1.messages import structure_message
 
 from .admission import check_names, describe
 from .errors import InvalidArgumentError, ServeError
+from .inline import OpenCalls
 from .metrics import Metrics
 from .models import ModelRegistry
 from .relax_engine import Frame, Outcome, Relaxation, RelaxEngine, Settings
@@ -74,6 +75,7 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
         metrics: Metrics,
         limits: StreamLimits,
         max_message_bytes: int,
+        calls: OpenCalls,
     ) -> None:
         self._registry = registry
         self._engine = engine
@@ -81,6 +83,7 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
         self._limits = limits
         self._max_message_bytes = max_message_bytes
         self._streams = OpenStreams()
+        self._calls = calls  # the server's, shared with the Inference service
 
     def stop_streams(self) -> None:
         """The server stops (after the engine answered every relaxation): each open stream
@@ -96,7 +99,8 @@ class RelaxService(relax_pb2_grpc.RelaxationServicer):
             self._limits,
             self._max_message_bytes,
         )
-        await self._streams.serve(stream, request_iterator)
+        with self._calls.open():
+            await self._streams.serve(stream, request_iterator)
 
 
 class RelaxStream:

@@ -6,7 +6,9 @@ models on that device prepare their next graph in parallel. A batch that fails i
 halves and retried, down to single structures, so only the culprit gets an error; on a GPU
 this also turns an out-of-memory batch into smaller ones that fit. Graph building, the
 untrusted part, belongs to the runner's ``GraphBuilder`` (``graphs.py``) and its worker
-processes; batchers call ``prepare`` to build a job's graph in their own thread.
+processes; batchers call ``prepare`` to build a job's graph in their own thread. A lone
+MD session's step may run in the I/O loop's thread instead (``run_here``, ``inline.py``),
+holding the device as any job does.
 
 Where a batch is evaluated is the job's ``evaluator``: the model itself, in this thread, or
 (``crossfield serve --model-process``, CPU only) its copy in the runner's model process
@@ -171,7 +173,7 @@ class Runner:
             elif idle_only or self._pending >= 2:
                 granted = False
             else:
-                granted = not any(s.queued for s in self._sources if s is not source)
+                granted = not self.others_queued(source)
             if granted:
                 self._pending += 1
             return granted
@@ -218,13 +220,35 @@ class Runner:
             if all(item.abandoned for item in job.items):
                 _cancel(job.items)  # every caller went away while the batch waited
             else:
-                start = time.monotonic()
-                self._run(job.model, job.evaluator, job.items, job.graph, job.graphs)
-                self._record(job, time.monotonic() - start)
-            with self._lock:
-                self._pending -= 1
-                self.idle_since = time.monotonic()
+                self._execute(job)
+            self._finished()
             self._offer()
+
+    def run_here(self, job: Job) -> None:
+        """Run ``job`` (its place on the idle device reserved) in the calling thread: a
+        lone structure on the I/O loop's (``inline.py``). Structures queued meanwhile by
+        other threads are then offered the device by the runner's thread, as usual."""
+        try:
+            self._execute(job)
+        finally:
+            self._finished()
+        if any(source.queued for source in self._sources):
+            self.poke()
+
+    def others_queued(self, source: Source) -> bool:
+        """Whether a source other than ``source`` has structures waiting (a hint)."""
+        return any(other.queued for other in self._sources if other is not source)
+
+    def _execute(self, job: Job) -> None:
+        start = time.monotonic()
+        self._run(job.model, job.evaluator, job.items, job.graph, job.graphs)
+        self._record(job, time.monotonic() - start)
+
+    def _finished(self) -> None:
+        """The running job is done: the device is idle (unless another place is held)."""
+        with self._lock:
+            self._pending -= 1
+            self.idle_since = time.monotonic()
 
     def _offer(self) -> None:
         """If the device is idle, offer it to each source in turn until one takes it."""

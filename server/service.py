@@ -21,6 +21,7 @@ from crossfield.v1 import inference_pb2, inference_pb2_grpc
 
 from .admission import Admission, Target, describe, record
 from .errors import ServeError
+from .inline import OpenCalls
 from .metrics import Metrics
 from .models import ModelRegistry
 from .responses import clip, encode_result, model_info, status_code
@@ -35,13 +36,18 @@ SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(
-        self, registry: ModelRegistry, metrics: Metrics, streams: StreamLimits | None = None
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        streams: StreamLimits,
+        calls: OpenCalls,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
         self._admission = Admission(registry)
-        self._stream_limits = streams or StreamLimits()
+        self._stream_limits = streams
         self._streams = OpenStreams()
+        self._calls = calls  # the server's, shared with the Relaxation service
 
     def stop_streams(self) -> None:
         """The server stops: every open stream delivers what it has in progress and ends
@@ -50,6 +56,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # -- RPCs -----------------------------------------------------------------------------
     async def Compute(self, request, context: grpc.aio.ServicerContext):
+        with self._calls.open():
+            return await self._compute(request, context)
+
+    async def _compute(self, request, context: grpc.aio.ServicerContext):
         received = time.monotonic()
         target = Target()
         try:
@@ -75,11 +85,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         session = StreamSession(self._admission, self._metrics, self._stream_limits, context)
-        await self._streams.serve(session, request_iterator)
+        with self._calls.open():
+            await self._streams.serve(session, request_iterator)
 
     async def ComputeSession(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        session = MdSession(self._registry, self._metrics, self._stream_limits, context)
-        await self._streams.serve(session, request_iterator)
+        session = MdSession(
+            self._registry, self._metrics, self._stream_limits, context, self._calls
+        )
+        with self._calls.open():
+            await self._streams.serve(session, request_iterator)
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
         if isinstance(request, Malformed):

@@ -14,7 +14,9 @@ checks its new positions need and a masked neighbour list instead of a new one.
   (sessions batch with each other and with everyone else) and its graph is built in the
   runner's thread (``GraphBuilder.build``, with a rebuild's pairs found in-process or in
   a worker by the same bounds). A refused step is answered with its status; the session
-  goes on from its last structure.
+  goes on from its last structure. The one shortcut: a session alone on the server with
+  an idle device runs its step on the loop's thread, saving two thread hand-offs
+  (``inline.py``).
 - **One step at a time.** The next message is read once the last one is answered (MD is
   sequential), so a session holds one structure and its graph, and its list is touched
   by one thread at a time.
@@ -41,6 +43,7 @@ from crossfield.v1 import inference_pb2
 
 from .admission import RESOLVE_ATTEMPTS, Target, check_names, describe, record
 from .errors import InvalidArgumentError, ServeError, UnavailableError
+from .inline import OpenCalls
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .responses import encode_result, error_response
@@ -94,9 +97,11 @@ class MdSession:
         metrics: Metrics,
         limits: StreamLimits,
         context: grpc.aio.ServicerContext,
+        calls: OpenCalls,
         skin: float = SKIN,
     ) -> None:
         self._registry = registry
+        self._calls = calls
         self._metrics = metrics
         self._limits = limits
         self._context = context
@@ -167,7 +172,8 @@ class MdSession:
         item = None
         try:
             item = self._admit(message, target)
-            result = await asyncio.wrap_future(item.future)
+            future = item.future  # done already if the step ran on this thread
+            result = future.result() if future.done() else await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # the call ended under the step
             if item is not None:
                 target.served.batcher.withdraw(item)
@@ -213,7 +219,7 @@ class MdSession:
             # self._verlet after ``check``: a start has just replaced it
             item.graph_source = partial(self._verlet.graph, request=checked, positions=positions)
             try:
-                served.batcher.submit(item)
+                served.batcher.submit(item, here=self._calls.lone(checked.estimated_edges))
             except UnavailableError:
                 if self._registry.is_serving(served):
                     raise  # the server itself is stopping

@@ -1,0 +1,48 @@
+"""When a structure is evaluated on the I/O loop's own thread instead of the runner's.
+
+The normal road of a structure is two thread hand-offs: the I/O loop queues it and wakes
+the runner's thread, which evaluates it and wakes the loop with the answer; each wake-up
+costs a futex and a turn at the interpreter lock. For an MD driver alone on a server
+those hand-offs are most of what the server adds to a step (measured on this project's
+2-core CPU, 8-atom steps: ~0.1 ms from queueing to the runner taking the step and
+~0.4 ms from its answer to the loop resuming, of ~2 ms beyond the model).
+
+When nobody else can be served meanwhile, the step may as well run where it arrived: it
+is the only call open on the server that carries work, the device is idle and nothing is
+queued (``Batcher.submit(here=True)`` checks the last two under its lock). Other calls
+that arrive meanwhile wait in gRPC's buffers until the loop is back -- at most as long as
+they would have waited for the busy device -- and then take the normal road, batched. The
+step is bounded (``HERE_MAX_EDGES``), so the loop is never away for long: at most tens of
+milliseconds for the default model on a CPU.
+
+Only MD sessions take this road: a lone session stays lone from step to step, whereas the
+first of many unary calls arriving together looks lone until the others have been read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HERE_MAX_EDGES = 4096  # estimated edges of a structure that may run on the I/O loop
+
+
+class OpenCalls:
+    """How many calls that carry structures are open on the server (used on the I/O
+    loop only: Compute, ComputeStream, ComputeSession and Relax)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def open(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+    def lone(self, estimated_edges: int) -> bool:
+        """Whether a structure of one open call may run on the loop's thread (if the
+        device is idle and nothing is queued)."""
+        return self.count == 1 and estimated_edges <= HERE_MAX_EDGES
