@@ -8,7 +8,9 @@ back to Compute on a server without sessions."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,7 +32,7 @@ from server_support import (
 )
 
 from crossfield.client import RemoteCalculator
-from crossfield.model import Structure, evaluate, neighbour_list
+from crossfield.model import CrossfieldMACE, Structure, evaluate, neighbour_list
 from crossfield.server.streams import StreamLimits
 from crossfield.server.wire import decoder
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
@@ -358,3 +360,60 @@ def test_the_calculator_falls_back_to_compute_on_a_server_without_sessions(model
         )
         calculator.close()
     assert ok == 6  # the initial evaluation and 5 steps, all through Compute
+
+
+def open_streams(server) -> float:
+    return scrape(server)[("crossfield_open_streams", frozenset())]
+
+
+class ThreadNamingMACE(CrossfieldMACE):
+    """Notes which thread evaluates each batch (``seen``, shared by all instances)."""
+
+    seen: list[str] = []
+
+    def forward(self, graph, *args, **kwargs):
+        ThreadNamingMACE.seen.append(threading.current_thread().name)
+        return super().forward(graph, *args, **kwargs)
+
+
+def test_a_lone_session_runs_on_the_io_loop_and_a_crowd_goes_to_the_runner(model) -> None:
+    """The shortcut of ``inline.py``: alone on the server, a session's steps are evaluated
+    on the I/O loop's thread (no hand-off to the runner and back); with another call open
+    (a second session, a ComputeStream), every step takes the runner, where it can batch.
+    The answers are the same either way."""
+    naming = copy.deepcopy(model)
+    naming.__class__ = ThreadNamingMACE
+    structure = water_pair()
+    with running_server({"small": naming}) as server:
+        lone = RawSession(server)
+        lone.send(start=request_for(structure))
+        ThreadNamingMACE.seen.clear()
+        alone = [lone.step(structure.positions + 0.01 * k).energy for k in range(1, 4)]
+        threads_alone = list(ThreadNamingMACE.seen)
+
+        other = RawSession(server)
+        other.send(start=request_for(structure))
+        ThreadNamingMACE.seen.clear()
+        crowded = [lone.step(structure.positions + 0.01 * k).energy for k in range(1, 4)]
+        threads_crowded = list(ThreadNamingMACE.seen)
+        other.close()
+        wait_for(lambda: open_streams(server) == 1, "the second session to end")
+
+        idle: queue.SimpleQueue = queue.SimpleQueue()
+        stream = session_stub(server).ComputeStream(iter(idle.get, None), timeout=60)
+        wait_for(lambda: open_streams(server) == 2, "the stream to open")
+        ThreadNamingMACE.seen.clear()
+        beside_a_stream = lone.step(structure.positions + 0.05).energy
+        threads_beside_a_stream = list(ThreadNamingMACE.seen)
+        lone.close()
+        idle.put(None)
+        list(stream)
+    assert threads_alone == ["grpc-io"] * 3  # server/loop.py's thread
+    assert threads_crowded == ["runner-cpu"] * 3
+    assert threads_beside_a_stream == ["runner-cpu"]
+    for k, (a, b) in enumerate(zip(alone, crowded), start=1):
+        expected = fresh_energy(model, structure, structure.positions + 0.01 * k)
+        assert a == pytest.approx(expected, rel=1e-12) and b == pytest.approx(expected, rel=1e-12)
+    assert beside_a_stream == pytest.approx(
+        fresh_energy(model, structure, structure.positions + 0.05), rel=1e-12
+    )
