@@ -16,6 +16,7 @@ a structure far from the origin gets the answer it gets at the origin.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -310,7 +311,16 @@ def check_cell(
 
 def _check_cell_layers(cell: np.ndarray, pbc: tuple[bool, bool, bool], r_max: float) -> None:
     """Reject periodic cells so thin that the neighbour list would loop over images."""
-    periodic = cell[list(pbc)]
+    cell_bytes = np.ascontiguousarray(cell, dtype=np.float64).tobytes()
+    _check_cell_bytes(cell_bytes, tuple(bool(p) for p in pbc), r_max)
+
+
+# Cell checks are remembered per cell (its bytes): an MD run sends one cell thousands of
+# times, and these few numpy calls on 3x3 arrays are a third of a session step's checks.
+# A refused cell raises, which the cache does not keep.
+@functools.lru_cache(maxsize=256)
+def _check_cell_bytes(cell_bytes: bytes, pbc: tuple[bool, bool, bool], r_max: float) -> None:
+    periodic = np.frombuffer(cell_bytes).reshape(3, 3)[list(pbc)]
     volume = _covolume(periodic)
     for index in range(len(periodic)):
         others = np.delete(periodic, index, axis=0)
@@ -343,4 +353,10 @@ def estimate_neighbours(
     if k == 0 or cell is None:
         return max(molecule, 0.0)
     ball = {1: 2.0 * r_max, 2: math.pi * r_max**2, 3: sphere}[k]
-    return num_atoms * ball / _covolume(cell[list(pbc)])
+    cell_bytes = np.ascontiguousarray(cell, dtype=np.float64).tobytes()
+    return num_atoms * ball / _periodic_covolume(cell_bytes, tuple(bool(p) for p in pbc))
+
+
+@functools.lru_cache(maxsize=256)
+def _periodic_covolume(cell_bytes: bytes, pbc: tuple[bool, bool, bool]) -> float:
+    return _covolume(np.frombuffer(cell_bytes).reshape(3, 3)[list(pbc)])
