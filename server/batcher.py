@@ -123,6 +123,10 @@ class Batcher:
         self.limits = limits.on(runner.device, backend)
         self._model = model
         self._evaluator = evaluator  # None: the runner calls the model itself
+        # A lone structure run in the calling thread (``submit(here=True)``) is evaluated
+        # by the model itself when it is eager, even with a model process: the same
+        # numbers, without the hop to the child and back.
+        self._evaluator_here = None if backend == "eager" else evaluator
         self._label = label
         self._version = version
         self._runner = runner
@@ -166,6 +170,8 @@ class Batcher:
             if self._runner.idle and self._ready(item, item.enqueued):
                 if here and self._waiting == 1 and not self._runner.others_queued(self):
                     job = self._take_job(item.enqueued, idle_only=True)
+                    if job is not None:
+                        job.evaluator = self._evaluator_here
                 if job is None:
                     self._runner.poke()
             elif first or self._budget_full():

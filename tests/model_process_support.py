@@ -1,11 +1,13 @@
-"""A model that kills the process evaluating it: for the model-process tests.
+"""Models that act on where they run, for the model-process and session tests: one that
+kills the process evaluating it, one that notes which thread evaluates it.
 
-It lives in a module of its own because the model process unpickles it, and so must
-import its class by name (the child sees the parent's ``sys.path``)."""
+They live in a module of their own because the model process unpickles them, and so must
+import their classes by name (the child sees the parent's ``sys.path``)."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 from crossfield.model import CrossfieldMACE
 
@@ -26,4 +28,21 @@ class CrashingMACE(CrossfieldMACE):
 def crashing(model: CrossfieldMACE) -> CrossfieldMACE:
     """``model`` made a CrashingMACE (the same weights and config)."""
     model.__class__ = CrashingMACE
+    return model
+
+
+class ThreadNamingMACE(CrossfieldMACE):
+    """Notes the name of the thread that evaluates each batch in ``seen`` (one list for
+    all instances of this process)."""
+
+    seen: list[str] = []
+
+    def forward(self, graph, *args, **kwargs):
+        ThreadNamingMACE.seen.append(threading.current_thread().name)
+        return super().forward(graph, *args, **kwargs)
+
+
+def thread_naming(model: CrossfieldMACE) -> CrossfieldMACE:
+    """``model`` made a ThreadNamingMACE (the same weights and config)."""
+    model.__class__ = ThreadNamingMACE
     return model

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import queue
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +21,7 @@ from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.md.verlet import VelocityVerlet
 from hotload_support import wait_for
+from model_process_support import ThreadNamingMACE, thread_naming
 from server_support import (
     request_for,
     runner_held,
@@ -32,7 +32,7 @@ from server_support import (
 )
 
 from crossfield.client import RemoteCalculator
-from crossfield.model import CrossfieldMACE, Structure, evaluate, neighbour_list
+from crossfield.model import Structure, evaluate, neighbour_list
 from crossfield.server.streams import StreamLimits
 from crossfield.server.wire import decoder
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
@@ -366,25 +366,20 @@ def open_streams(server) -> float:
     return scrape(server)[("crossfield_open_streams", frozenset())]
 
 
-class ThreadNamingMACE(CrossfieldMACE):
-    """Notes which thread evaluates each batch (``seen``, shared by all instances)."""
-
-    seen: list[str] = []
-
-    def forward(self, graph, *args, **kwargs):
-        ThreadNamingMACE.seen.append(threading.current_thread().name)
-        return super().forward(graph, *args, **kwargs)
-
-
-def test_a_lone_session_runs_on_the_io_loop_and_a_crowd_goes_to_the_runner(model) -> None:
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_a_lone_session_runs_on_the_io_loop_and_a_crowd_goes_to_the_runner(
+    model, model_process: bool
+) -> None:
     """The shortcut of ``inline.py``: alone on the server, a session's steps are evaluated
     on the I/O loop's thread (no hand-off to the runner and back); with another call open
     (a second session, a ComputeStream), every step takes the runner, where it can batch.
-    The answers are the same either way."""
-    naming = copy.deepcopy(model)
-    naming.__class__ = ThreadNamingMACE
+    With a model process, the lone steps of an eager model still run on the loop, with
+    this process's copy of the model, and the crowd's in the child (not seen here). The
+    answers are the same either way."""
+    naming = thread_naming(copy.deepcopy(model))
     structure = water_pair()
-    with running_server({"small": naming}) as server:
+    settings = {"model_process": model_process}
+    with running_server({"small": naming}, settings=settings) as server:
         lone = RawSession(server)
         lone.send(start=request_for(structure))
         ThreadNamingMACE.seen.clear()
@@ -409,8 +404,9 @@ def test_a_lone_session_runs_on_the_io_loop_and_a_crowd_goes_to_the_runner(model
         idle.put(None)
         list(stream)
     assert threads_alone == ["grpc-io"] * 3  # server/loop.py's thread
-    assert threads_crowded == ["runner-cpu"] * 3
-    assert threads_beside_a_stream == ["runner-cpu"]
+    runner = [] if model_process else ["runner-cpu"]
+    assert threads_crowded == runner * 3
+    assert threads_beside_a_stream == runner
     for k, (a, b) in enumerate(zip(alone, crowded), start=1):
         expected = fresh_energy(model, structure, structure.positions + 0.01 * k)
         assert a == pytest.approx(expected, rel=1e-12) and b == pytest.approx(expected, rel=1e-12)
