@@ -7,7 +7,7 @@ they are a sizeable part of what the server adds to a step: measured on this pro
 2-core CPU with per-step timestamps (8 atoms), ~0.1 ms from queueing to the runner taking
 the step and 0.26-0.38 ms from its answer to the loop resuming, of ~2 ms beyond the model
 (about half of which is gRPC's own floor, ``bench/grpc_floor.py``). Run here, the two
-became ~0.12 ms; and the default model itself ran faster on the loop's thread than on the
+became ~0.16 ms; and the default model itself ran faster on the loop's thread than on the
 runner's (8 atoms: 15.6-16.4 against 16.5-25 ms, three alternating pairs).
 
 When nobody else can be served meanwhile, the step may as well run where it arrived: it
