@@ -311,13 +311,18 @@ def check_cell(
 
 def _check_cell_layers(cell: np.ndarray, pbc: tuple[bool, bool, bool], r_max: float) -> None:
     """Reject periodic cells so thin that the neighbour list would loop over images."""
-    cell_bytes = np.ascontiguousarray(cell, dtype=np.float64).tobytes()
-    _check_cell_bytes(cell_bytes, tuple(bool(p) for p in pbc), r_max)
+    _check_cell_bytes(*_cell_key(cell, pbc), r_max)
 
 
 # Cell checks are remembered per cell (its bytes): an MD run sends one cell thousands of
 # times, and these few numpy calls on 3x3 arrays are a third of a session step's checks.
 # A refused cell raises, which the cache does not keep.
+def _cell_key(cell: np.ndarray, pbc) -> tuple[bytes, tuple[bool, bool, bool]]:
+    """``cell`` and ``pbc`` as the hashable key of the caches below."""
+    cell_bytes = np.ascontiguousarray(cell, dtype=np.float64).tobytes()
+    return cell_bytes, (bool(pbc[0]), bool(pbc[1]), bool(pbc[2]))
+
+
 @functools.lru_cache(maxsize=256)
 def _check_cell_bytes(cell_bytes: bytes, pbc: tuple[bool, bool, bool], r_max: float) -> None:
     periodic = np.frombuffer(cell_bytes).reshape(3, 3)[list(pbc)]
@@ -353,8 +358,7 @@ def estimate_neighbours(
     if k == 0 or cell is None:
         return max(molecule, 0.0)
     ball = {1: 2.0 * r_max, 2: math.pi * r_max**2, 3: sphere}[k]
-    cell_bytes = np.ascontiguousarray(cell, dtype=np.float64).tobytes()
-    return num_atoms * ball / _periodic_covolume(cell_bytes, tuple(bool(p) for p in pbc))
+    return num_atoms * ball / _periodic_covolume(*_cell_key(cell, pbc))
 
 
 @functools.lru_cache(maxsize=256)
