@@ -13,12 +13,16 @@ split into batches of one. So a batch closes:
   in the runner's one place behind it.
 
 While the device is busy nothing else closes a batch: the structures would wait for the
-device anyway, so the batch grows instead. Whenever the device becomes idle, the runner's
-thread offers it to its batchers in turn (``offer``) and takes a batch that is ready; a
-batch that becomes ready while the device is idle (a structure just queued, a delay that
-ended) pokes the runner's thread to make that offer (``Runner.poke``). So a structure
-reaching an idle device wakes one thread, the runner's, and graph building then happens
-there. Structures with different heads share a batch (one backbone pass).
+device anyway, so the batch grows instead, and the batcher's thread builds the graphs of
+the structures queued for the next batch meanwhile (those proven cheap: ``_unbuilt``), so
+that the device does not sit idle while they are built once it is free (for a batch of 16
+molecules the device went from ~6 ms of graph building to ~0.3 ms between batches).
+Whenever the device becomes idle, the runner's thread offers it to its batchers in turn
+(``offer``) and takes a batch that is ready; a batch that becomes ready while the device
+is idle (a structure just queued, a delay that ended) pokes the runner's thread to make
+that offer (``Runner.poke``). So a structure reaching an idle device wakes one thread, the
+runner's, and graph building then happens there. Structures with different heads share a
+batch (one backbone pass).
 
 Edges are only known after the neighbour list, so the edge budget is planned with each
 structure's estimated edge count (see ``graph_cost.py``); a structure larger than a whole
@@ -174,8 +178,9 @@ class Batcher:
                         job.evaluator = self._evaluator_here
                 if job is None:
                     self._runner.poke()
-            elif first or self._budget_full():
-                self._cond.notify_all()  # a new deadline, or a full budget, for the thread
+            elif first or self._budget_full() or not self._runner.idle:
+                # a new deadline, a full budget or (the device busy) a graph to build ahead
+                self._cond.notify_all()
         if job is not None:
             self._runner.run_here(job)
 
@@ -288,9 +293,11 @@ class Batcher:
         )
 
     def _loop(self) -> None:
-        """Time the oldest structure's delay while the device is idle, and hand over a
-        batch whose budget filled while it is busy (the runner offers it the rest)."""
+        """Time the oldest structure's delay while the device is idle; while it is busy,
+        build the graphs of the next batch's structures, and hand over a batch whose
+        budget filled (the runner offers it the rest)."""
         while True:
+            ahead: list[WorkItem] = []
             with self._cond:
                 while True:
                     head = self._head()
@@ -304,14 +311,40 @@ class Batcher:
                     if job is not None:
                         break  # waits behind the running batch: build its graph now
                     if not self._runner.idle:
+                        ahead = self._unbuilt()
+                        if ahead:
+                            break
                         self._cond.wait()  # the runner offers it the device when idle
                     elif self._ready(head, now):
                         self._runner.poke()
                         self._cond.wait()
                     else:
                         self._cond.wait(head.enqueued + self.limits.max_delay - now)
+            if job is None:
+                self._runner.graphs.build_ahead(self._model, ahead)
+                continue
             self._runner.prepare(job)  # neighbour lists; a structure failing fails alone
             self._runner.submit(job)
+
+    def _unbuilt(self) -> list[WorkItem]:
+        """The structures of the next batch whose graphs nobody has built or is building,
+        and that are proven cheap to build in-process (under the lock): what the batcher's
+        thread builds while the device is busy, so that the batch does not wait for them
+        once the device is idle. Costlier graphs wait for their batch (they go to workers
+        that may take long, while the thread must stay free to hand over a full batch)."""
+        unbuilt, atoms, edges = [], 0, 0
+        cheap = self.limits.graphs.in_process_pairs
+        for item in self._queue:
+            if not item.queued:
+                continue
+            request = item.request
+            atoms += request.num_atoms
+            edges += request.estimated_edges
+            if atoms > self.limits.max_atoms or edges > self.limits.max_edges:
+                break
+            if item.graph is None and not item.graph_lock.locked() and request.pairs_bound <= cheap:
+                unbuilt.append(item)
+        return unbuilt
 
     def _head(self) -> WorkItem | None:
         """The oldest item still queued (withdrawn entries in front are dropped)."""

@@ -6,7 +6,9 @@ Structures whose neighbour-list bound is at most ``GraphLimits.in_process_pairs`
 proven cheap and built in-process (every MD step of a small system: no IPC hop, ~0.1 ms);
 the others are built in worker processes with a time limit (``graph_workers.py``), where
 a crash or a stall costs a worker, not the server, and the structure is refused alone as
-poison. Either way the exact edge count is then checked against the limits, so an
+poison. A graph is built once per structure (``graph_of``), by whichever thread comes
+first: the batcher's ahead of the batch while the device is busy, or the one building the
+batch. Either way the exact edge count is then checked against the limits, so an
 estimate that was low never reaches the model, and any structure that fails here fails
 alone: its batch-mates go on.
 
@@ -19,6 +21,7 @@ search moves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -52,10 +55,7 @@ class GraphBuilder:
         kept, graphs = [], []
         for item in items:
             try:
-                if item.graph_source is not None:  # a kept Verlet list (session, relaxation)
-                    graph = item.graph_source(model, self)
-                else:
-                    graph = self.graph(model, item.request)
+                graph = self.graph_of(model, item)
             except ServeError as err:
                 item.future.set_exception(err)
                 continue
@@ -63,7 +63,7 @@ class GraphBuilder:
                 item.future.set_exception(InvalidArgumentError(f"structure.{err}"))
                 continue
             except Exception as err:  # a bug, not the input: this structure fails alone
-                log.exception("graph building failed")
+                log.error("graph building failed", exc_info=err)
                 item.future.set_exception(
                     ComputeError(f"graph building failed: {type(err).__name__}: {err}")
                 )
@@ -71,6 +71,31 @@ class GraphBuilder:
             kept.append(item)
             graphs.append(graph)
         return kept, graphs
+
+    def build_ahead(self, model: CrossfieldMACE, items: Sequence[WorkItem]) -> None:
+        """Build the graphs of queued ``items`` before their batch is taken (the batcher's
+        thread, while the device runs the batch before): the runner then finds them built
+        instead of leaving the device idle while it builds them. An error is kept on its
+        item and given to its caller when the batch is built (``build``)."""
+        for item in items:
+            with contextlib.suppress(Exception):
+                self.graph_of(model, item)
+
+    def graph_of(self, model: CrossfieldMACE, item: WorkItem) -> StructureGraph | DeviceGraph:
+        """The graph of ``item``, built once (an error too is kept and raised again): a
+        thread that asks while another builds it waits for that one's result."""
+        with item.graph_lock:
+            if item.graph is None:
+                try:
+                    if item.graph_source is not None:  # a kept Verlet list (session, relaxation)
+                        item.graph = item.graph_source(model, self)
+                    else:
+                        item.graph = self.graph(model, item.request)
+                except Exception as err:
+                    item.graph = err
+            if isinstance(item.graph, Exception):
+                raise item.graph
+            return item.graph
 
     def graph(self, model: CrossfieldMACE, request: CheckedRequest) -> StructureGraph | DeviceGraph:
         frame, r_max = request.frame, model.config.r_max

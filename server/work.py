@@ -3,6 +3,7 @@ from the service through a batcher to a runner, and the result that comes back."
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,3 +61,8 @@ class WorkItem:
     # Where its graph comes from when not from ``GraphBuilder.graph``: an MD session's kept
     # neighbour list, called with the model and the runner's GraphBuilder (``sessions.py``)
     graph_source: Callable[[Any, Any], Any] | None = None
+    # Its graph, or the error building it gave, once built (``GraphBuilder.graph_of``):
+    # ahead of its batch by its batcher's thread while the device is busy, or with its
+    # batch; the lock makes it built once whichever thread comes first.
+    graph: Any = None
+    graph_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -286,3 +286,66 @@ def test_a_withdrawn_structure_wakes_whoever_waits_for_it(model) -> None:
             waiter.join(timeout=5.0)
             assert not waiter.is_alive(), "the withdrawn structure's waiter never woke"
     assert item.future.cancelled()
+
+
+def _queued_items(server, structures) -> list[WorkItem]:
+    """``structures`` checked and submitted straight to the small model's batcher."""
+    served = server.registry.resolve("small")
+    items = [WorkItem(check_request(served, request_for(s), "pbe")) for s in structures]
+    for item in items:
+        served.batcher.submit(item)
+    return items
+
+
+def _wait_built(items: list[WorkItem]) -> None:
+    deadline = time.monotonic() + 20.0
+    while any(item.graph is None for item in items):
+        if time.monotonic() > deadline:
+            unbuilt = sum(item.graph is None for item in items)
+            raise AssertionError(f"{unbuilt} of {len(items)} graphs never built ahead")
+        time.sleep(0.01)
+
+
+def test_graphs_of_the_next_batch_are_built_while_the_device_is_busy(model) -> None:
+    """While a batch computes, the batcher's thread builds the next batch's graphs, so
+    the device does not sit idle while they are built; only the next batch's (here 3
+    waters fill the atom budget): the ones after it wait. The answers are those of a
+    fresh evaluation."""
+    structures = waters(9)
+    with running_server({"small": model}, max_delay=30.0, max_atoms=9) as server:
+        with runner_held(server):
+            items = _queued_items(server, structures)
+            # the first three fill a budget and take the place behind the held device;
+            # the next three are the next batch: built ahead, the last three not yet
+            _wait_built(items[:6])
+            time.sleep(0.2)
+            assert all(item.graph is None for item in items[6:])
+        results = [item.future.result(timeout=60) for item in items]
+    for result, expected in zip(results, evaluate(model, structures), strict=True):
+        np.testing.assert_allclose(result.energy, expected["energy"], rtol=1e-10)
+        np.testing.assert_allclose(result.forces, expected["forces"], rtol=0, atol=1e-10)
+
+
+def test_a_graph_that_fails_ahead_fails_its_structure_alone_when_its_batch_runs(model) -> None:
+    """A graph built ahead is built once (its error too), and a failure reaches only
+    its own caller, when its batch runs, as if the batch had built it."""
+    calls = []
+
+    def failing(model, builder):
+        calls.append(threading.current_thread().name)
+        raise ValueError("positions: refused for this test")
+
+    with running_server({"small": model}, max_delay=30.0) as server:
+        with runner_held(server):
+            served = server.registry.resolve("small")
+            items = [WorkItem(check_request(served, request_for(s), "pbe")) for s in waters(3)]
+            items[1].graph_source = failing
+            for item in items:
+                served.batcher.submit(item)
+            _wait_built(items)
+            assert not items[1].future.done(), "the error was given before its batch ran"
+        error = items[1].future.exception(timeout=60)
+        energies = [items[i].future.result(timeout=60).energy for i in (0, 2)]
+    assert calls == ["batcher-small"], f"the failing graph was built by {calls}"
+    assert "refused for this test" in str(error) and "structure.positions" in str(error)
+    assert all(np.isfinite(energies))
