@@ -83,15 +83,34 @@ class ServerConfig:
     poll_interval: float = 10.0  # seconds between repository scans; 0: only on admin calls
     version_policy: str = "latest"  # for models without their own config.json
     backend: Backend = field(default_factory=Backend)  # per model: REPO/NAME/config.json
-    model_process: bool = False  # CPU only: evaluate models in a child process (model_process.py)
+    # Evaluate models in a child process (model_process.py): True, False, or None for the
+    # automatic choice of ``crossfield serve`` (``model_process``).
+    model_process: bool | None = False
+
+
+# What an automatic model process leaves in the server's process: an AOT package's call
+# is one compiled function, not Python dispatch that needs the interpreter lock, and it
+# serves the small structures whose steps are short enough for the hop to the child to
+# matter.
+IN_PROCESS_BACKENDS = frozenset({"aot"})
 
 
 def model_process(config: ServerConfig, metrics: Metrics) -> ModelProcess | None:
-    """The model process ``config`` asks for (CPU devices only: on a GPU the kernels run
-    asynchronously and the device, not the lock, is what batches wait for)."""
-    if not config.model_process:
+    """The model process ``config`` asks for. Only on a CPU: on a GPU the kernels run
+    asynchronously and the device, not the lock, is what batches wait for. ``None``
+    (automatic): on a CPU, for models that run Python between kernels (eager, compile,
+    script), whose batches the server's I/O would otherwise slow through the lock; the
+    child starts with the first such model."""
+    if config.model_process is False:
         return None
-    if torch.device(config.device).type != "cpu":
+    on_cpu = torch.device(config.device).type == "cpu"
+    if config.model_process is None:
+        if not on_cpu:
+            return None
+        return ModelProcess(
+            on_restart=metrics.model_process_restarts.inc, skipped=IN_PROCESS_BACKENDS
+        )
+    if not on_cpu:
         raise ValueError(f"model_process: runs models on the CPU only, not on {config.device!r}")
     return ModelProcess(on_restart=metrics.model_process_restarts.inc)
 

@@ -12,12 +12,15 @@ runner's (8 atoms: 15.6-16.4 against 16.5-25 ms, three alternating pairs).
 
 When nobody else can be served meanwhile, the step may as well run where it arrived: it
 is the only call open on the server that carries work, the device is idle and nothing is
-queued (``Batcher.submit(here=True)`` checks the last two under its lock). Other calls
+queued (``Batcher.submit(lone=True)`` checks the last two under its lock). Other calls
 that arrive meanwhile wait in gRPC's buffers until the loop is back -- at most as long as
 they would have waited for the busy device -- and then take the normal road, batched. The
-step is bounded (``HERE_MAX_EDGES``), so the loop is never away for long: a 64-atom
+step is bounded (``HERE_MAX_EDGES``), so the loop is never away for long: a 64-atom Si
 crystal (~1800 edges) takes the default model ~70 ms eager on this CPU, the bound about
-twice that.
+twice that. A lone step beyond it (64 atoms of Cu: ~4.9k edges) takes the runner's thread,
+but like the ones here it runs with the server's own copy of an eager model, not in a
+model process: alone, nobody contends for the interpreter lock, and the hop to the child
+cost such steps 8-10 ms (80 and 92 against 69 and 84 ms, two alternating pairs).
 
 Only MD sessions take this road: a lone session stays lone from step to step, whereas the
 first of many unary calls arriving together looks lone until the others have been read.
@@ -46,7 +49,8 @@ class OpenCalls:
         finally:
             self.count -= 1
 
-    def lone(self, estimated_edges: int) -> bool:
-        """Whether a structure of one open call may run on the loop's thread (if the
-        device is idle and nothing is queued)."""
-        return self.count == 1 and estimated_edges <= HERE_MAX_EDGES
+    @property
+    def lone(self) -> bool:
+        """Whether one call is open: its structure may run on the loop's thread (if it is
+        within ``HERE_MAX_EDGES``, the device is idle and nothing is queued)."""
+        return self.count == 1

@@ -145,16 +145,24 @@ class ModelProcess:
     may overlap (a version compiles in the child while another serves)."""
 
     def __init__(
-        self, threads: int | None = None, on_restart: Callable[[], None] | None = None
+        self,
+        threads: int | None = None,
+        on_restart: Callable[[], None] | None = None,
+        skipped: frozenset[str] = frozenset(),
     ) -> None:
         self.threads = threads or torch.get_num_threads()
         self.restarts = 0
+        self.skipped = skipped  # backends whose models stay in the server's process
         self._on_restart = on_restart  # e.g. a Prometheus counter's inc
         self._lock = threading.Lock()  # the child's lifecycle and the model table
         self._models: dict[str, ModelSpec] = {}
         self._keys = itertools.count()
         self._closed = False
-        self._child = _Child(self.threads)
+        self._child: _Child | None = None  # started by the first model it is given
+
+    def evaluates(self, backend: str) -> bool:
+        """Whether models compiled for ``backend`` (resolved) are evaluated here."""
+        return backend not in self.skipped
 
     def load(self, spec: ModelSpec) -> tuple[str, dict[str, Any]]:
         """Have the child hold the model of ``spec``; returns its key there and the
@@ -171,7 +179,7 @@ class ModelProcess:
         with self._lock:
             self._models.pop(key, None)
             child = self._child
-        if child.alive:
+        if child is not None and child.alive:
             with contextlib.suppress(ModelProcessError):
                 child.control.call(("drop", key))
 
@@ -187,11 +195,18 @@ class ModelProcess:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._child.close()
+            if self._child is not None:
+                self._child.close()
 
     def _current(self) -> _Child:
-        """The live child: a dead one is replaced, and given every model it held."""
+        """The live child (started on first use): a dead one is replaced, and given every
+        model it held."""
         with self._lock:
+            if self._child is None:
+                if self._closed:
+                    raise ModelProcessError("the model process is closed")
+                self._child = _Child(self.threads)
+                return self._child
             if self._child.alive or self._closed:
                 return self._child
             self.restarts += 1

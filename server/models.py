@@ -115,7 +115,7 @@ def serve_model(
             "builds one, 2-5x faster for small structures)",
         )
     evaluator = None
-    if runner.process is not None:
+    if runner.process is not None and runner.process.evaluates(kind):
         evaluator, seconds = load_in_model_process(model, kind, dtype, backend, runner.process)
     else:
         model, seconds = ready_to_serve(

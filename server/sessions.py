@@ -219,7 +219,7 @@ class MdSession:
             # self._verlet after ``check``: a start has just replaced it
             item.graph_source = partial(self._verlet.graph, request=checked, positions=positions)
             try:
-                served.batcher.submit(item, here=self._calls.lone(checked.estimated_edges))
+                served.batcher.submit(item, lone=self._calls.lone)
             except UnavailableError:
                 if self._registry.is_serving(served):
                     raise  # the server itself is stopping

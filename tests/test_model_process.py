@@ -31,6 +31,8 @@ from server_support import (
 
 from crossfield.model import evaluate
 from crossfield.model.graph import Structure
+from crossfield.server.app import ServerConfig, model_process
+from crossfield.server.metrics import Metrics
 from crossfield.server.models import retire
 from crossfield.v1.messages import response_results
 
@@ -131,3 +133,29 @@ def test_serve_refuses_a_model_process_on_a_gpu() -> None:
     )
     assert run.returncode == 2, run.stderr
     assert "model_process: runs models on the CPU only" in run.stderr
+
+
+def test_the_automatic_choice_gives_eager_models_a_model_process_and_keeps_aot_packages() -> None:
+    """``model_process=None`` (``crossfield serve``'s default): on a CPU, models that run
+    Python between kernels go to the child, AOT packages stay (no Python to contend for
+    the lock, and small steps that the hop would slow); the child starts with the first
+    model it is given, and a GPU gets none."""
+    metrics = Metrics()
+    process = model_process(ServerConfig(device="cpu", model_process=None), metrics)
+    assert [process.evaluates(kind) for kind in ("eager", "compile", "script", "aot")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert process._child is None  # an AOT-only server never starts one
+    process.close()
+    assert model_process(ServerConfig(device="cuda", model_process=None), metrics) is None
+    model = small_model()
+    batch = structures(6, seed=13)
+    expected = reference(model, batch)
+    with running_server({"small": model}, settings={"model_process": None}) as server:
+        assert server.registry.resolve("small").evaluator is not None  # in the child
+        for index, future in enumerate(send_batch(server, batch)):
+            check_answer(future.result(), expected[index], f"structure {index}")
+        assert server.runner.process._child.alive

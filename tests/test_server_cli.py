@@ -121,3 +121,47 @@ def test_serve_without_arguments_serves_the_labelled_default_model() -> None:
         assert np.isfinite(response.energy)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def child_commands(pid: int) -> list[str]:
+    """The command lines of the processes whose parent is ``pid`` (Linux /proc)."""
+    commands = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if parent == pid:
+            commands.append(command)
+    return commands
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_serve_on_a_cpu_evaluates_an_eager_model_in_a_model_process_unless_told_not_to(
+    tmp_path: Path,
+) -> None:
+    """The automatic choice: on a CPU an eager model runs in a child process of its own
+    (``--model-process``'s default), answering what the model gives in-process;
+    ``--no-model-process`` keeps it in the server's process."""
+    model = small_model()
+    path = tmp_path / "small.pt"
+    save_checkpoint(model, path)
+    water = Structure.from_atoms(molecule("H2O"))
+    expected = evaluate(model, [water])[0]["energy"]
+    found = {}
+    for option in ([], ["--no-model-process"]):
+        arguments = ["--checkpoint", str(path), "--name", "small", "--dtype", "float64"]
+        with serve(*arguments, "--device", "cpu", *option) as (process, port):
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            inference = inference_pb2_grpc.InferenceStub(channel)
+            response = inference.Compute(request_for(water), timeout=60)
+            np.testing.assert_allclose(response.energy, expected, rtol=1e-10)
+            children = child_commands(process.pid)
+            found[" ".join(option) or "default"] = any(
+                "crossfield.server.model_process" in command for command in children
+            )
+            channel.close()
+    assert found == {"default": True, "--no-model-process": False}

@@ -33,6 +33,7 @@ from server_support import (
 
 from crossfield.client import RemoteCalculator
 from crossfield.model import Structure, evaluate, neighbour_list
+from crossfield.server import inline
 from crossfield.server.streams import StreamLimits
 from crossfield.server.wire import decoder
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
@@ -413,3 +414,27 @@ def test_a_lone_session_runs_on_the_io_loop_and_a_crowd_goes_to_the_runner(
     assert beside_a_stream == pytest.approx(
         fresh_energy(model, structure, structure.positions + 0.05), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_a_lone_step_too_long_for_the_io_loop_runs_on_the_runner_with_the_servers_model(
+    model, model_process: bool, monkeypatch
+) -> None:
+    """A lone session whose structure is beyond ``inline.HERE_MAX_EDGES`` (lowered here,
+    so that a water pair is) leaves the I/O loop alone: its steps take the runner's
+    thread, but, as on the loop, with this process's copy of an eager model, even with a
+    model process (whose hop cost 64-atom steps 8-10 ms), and the same answers."""
+    monkeypatch.setattr(inline, "HERE_MAX_EDGES", 1)
+    naming = thread_naming(copy.deepcopy(model))
+    structure = water_pair()
+    with running_server({"small": naming}, settings={"model_process": model_process}) as server:
+        lone = RawSession(server)
+        lone.send(start=request_for(structure))
+        ThreadNamingMACE.seen.clear()
+        energies = [lone.step(structure.positions + 0.01 * k).energy for k in range(1, 4)]
+        threads = list(ThreadNamingMACE.seen)
+        lone.close()
+    assert threads == ["runner-cpu"] * 3
+    for k, energy in enumerate(energies, start=1):
+        expected = fresh_energy(model, structure, structure.positions + 0.01 * k)
+        assert energy == pytest.approx(expected, rel=1e-12)
