@@ -137,9 +137,9 @@ def test_serve_refuses_a_model_process_on_a_gpu() -> None:
 
 def test_the_automatic_choice_gives_eager_models_a_model_process_and_keeps_aot_packages() -> None:
     """``model_process=None`` (``crossfield serve``'s default): on a CPU, models that run
-    Python between kernels go to the child, AOT packages stay (no Python to contend for
-    the lock, and small steps that the hop would slow); the child starts with the first
-    model it is given, and a GPU gets none."""
+    Python between kernels go to the child, AOT packages stay (their lone MD steps would
+    pay the hop: the server keeps no copy of a package to run them itself); the child
+    starts with the first model it is given, and a GPU gets none."""
     metrics = Metrics()
     process = model_process(ServerConfig(device="cpu", model_process=None), metrics)
     assert [process.evaluates(kind) for kind in ("eager", "compile", "script", "aot")] == [
