@@ -131,7 +131,7 @@ class Batcher:
         # A lone structure (``submit(lone=True)``) is evaluated by the model itself when
         # it is eager, even with a model process: the same numbers, without the hop to the
         # child and back (measured 8-10 ms a step for 64 atoms of Cu, ~4.9k edges).
-        self._evaluator_here = None if backend == "eager" else evaluator
+        self._evaluator_alone = None if backend == "eager" else evaluator
         self._label = label
         self._version = version
         self._runner = runner
@@ -180,7 +180,7 @@ class Batcher:
                 if job is None:
                     self._runner.poke()
                 else:
-                    job.evaluator = self._evaluator_here
+                    job.evaluator = self._evaluator_alone
                     if item.request.estimated_edges > inline.HERE_MAX_EDGES:
                         self._runner.submit(job)  # too long to keep the I/O loop away
                         job = None

@@ -288,12 +288,17 @@ def test_a_withdrawn_structure_wakes_whoever_waits_for_it(model) -> None:
     assert item.future.cancelled()
 
 
-def _queued_items(server, structures) -> list[WorkItem]:
-    """``structures`` checked and submitted straight to the small model's batcher."""
+def _checked_items(server, structures) -> list[WorkItem]:
+    """``structures`` checked for the small model, as work items not yet submitted."""
     served = server.registry.resolve("small")
-    items = [WorkItem(check_request(served, request_for(s), "pbe")) for s in structures]
+    return [WorkItem(check_request(served, request_for(s), "pbe")) for s in structures]
+
+
+def _submit(server, items: list[WorkItem]) -> list[WorkItem]:
+    """``items`` submitted straight to the small model's batcher."""
+    batcher = server.registry.resolve("small").batcher
     for item in items:
-        served.batcher.submit(item)
+        batcher.submit(item)
     return items
 
 
@@ -314,7 +319,7 @@ def test_graphs_of_the_next_batch_are_built_while_the_device_is_busy(model) -> N
     structures = waters(9)
     with running_server({"small": model}, max_delay=30.0, max_atoms=9) as server:
         with runner_held(server):
-            items = _queued_items(server, structures)
+            items = _submit(server, _checked_items(server, structures))
             # the first three fill a budget and take the place behind the held device;
             # the next three are the next batch: built ahead, the last three not yet
             _wait_built(items[:6])
@@ -337,11 +342,9 @@ def test_a_graph_that_fails_ahead_fails_its_structure_alone_when_its_batch_runs(
 
     with running_server({"small": model}, max_delay=30.0) as server:
         with runner_held(server):
-            served = server.registry.resolve("small")
-            items = [WorkItem(check_request(served, request_for(s), "pbe")) for s in waters(3)]
+            items = _checked_items(server, waters(3))
             items[1].graph_source = failing
-            for item in items:
-                served.batcher.submit(item)
+            _submit(server, items)
             _wait_built(items)
             assert not items[1].future.done(), "the error was given before its batch ran"
         error = items[1].future.exception(timeout=60)
