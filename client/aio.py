@@ -37,6 +37,7 @@ from crossfield.client.errors import (
     ServerUnavailableError,
     from_rpc_error,
     lost_in_flight,
+    never_sent,
 )
 from crossfield.client.results import Result, atoms_request, check_properties, response_result
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
@@ -71,7 +72,9 @@ class AsyncConnection:
 
     async def went_away(self, error: CrossfieldError) -> bool:
         """See ``Connection.went_away``."""
-        return error.code == "UNAVAILABLE" and not await self.answers()
+        if error.code != "UNAVAILABLE":
+            return False
+        return not await self.answers() and not never_sent(error)
 
     async def why_unreachable(self) -> str:
         try:
@@ -98,6 +101,12 @@ class AsyncRoundRobin:
 
     def __len__(self) -> int:
         return len(self.connections)
+
+    @property
+    def waits_for_ready(self) -> bool:
+        """See ``RoundRobin.waits_for_ready``: with several addresses a call fails at once
+        on a server that went away between ``pick`` and the call, and moves on."""
+        return len(self.connections) == 1
 
     async def pick(
         self, deadline: float | None, after: AsyncConnection | None = None
@@ -251,7 +260,7 @@ class AsyncClient:
                     request,
                     timeout=_remaining(deadline),
                     metadata=self._metadata,
-                    wait_for_ready=True,
+                    wait_for_ready=servers.waits_for_ready,
                 )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)

@@ -136,7 +136,7 @@ class Client:
                     request,
                     timeout=_remaining(deadline),
                     metadata=self._metadata,
-                    wait_for_ready=True,
+                    wait_for_ready=servers.waits_for_ready,
                 )
             except grpc.RpcError as err:
                 error = from_rpc_error(err)

@@ -8,10 +8,15 @@ also works on a plaintext loopback channel (e.g. behind a TLS-terminating proxy)
 Retries are split between gRPC and the client, by what each can see:
 
 - **On one channel**, gRPC's own retry policy (the channel's service config) retries a
-  call the server refused for now: RESOURCE_EXHAUSTED (a full queue) and CANCELLED (a
-  call that reached a server while it stopped, grpc/grpc#41785), with exponential backoff
-  and honouring the server's pushback (``grpc-retry-pushback-ms``: when to come back, or
-  not at all). gRPC also retries transparently what never left the client.
+  unary call the server refused for now: RESOURCE_EXHAUSTED (a full queue) and CANCELLED
+  (a call that reached a server while it stopped, grpc/grpc#41785), with exponential
+  backoff and honouring the server's pushback (``grpc-retry-pushback-ms``: when to come
+  back, or not at all). gRPC also retries transparently what never left the client.
+  Streams get no policy: what a stream leaves unanswered is resent by the client
+  (``work.Ledger``, ``Session``), and with a policy, grpcio 1.85 now and then left a
+  stream that failed as it opened (its server gone) with its status delivered but its
+  pending read never completed, so the reader waited forever (the soak's hung
+  ``compute_many``, 1 run in 4; none in 12 without it).
 - **Across addresses**, the client moves a failed call on to the next server
   (``RoundRobin``). UNAVAILABLE stays with the client, not the channel, because only the
   client can count how many servers went away while a structure was in flight: a
@@ -20,7 +25,9 @@ Retries are split between gRPC and the client, by what each can see:
   are in ``work.py``). A structure the server itself marked as poison (INVALID_ARGUMENT
   with trailing metadata ``crossfield-poison``) is never retried.
 - **Wait for ready**: a call waits for a server to come up, within its deadline, instead
-  of failing at once (a client started before its server, a replica restarting).
+  of failing at once (a client started before its server, a replica restarting). With
+  several addresses, ``pick`` waits for one that is up and the call itself fails at once
+  if that one has gone meanwhile (``RoundRobin.waits_for_ready``).
 
 Keepalive (what a server must permit; the server's enforcement matches these values):
 the client pings an idle connection every ``KEEPALIVE_TIME_S`` seconds only while calls
@@ -49,11 +56,17 @@ from crossfield.client.errors import (
     CrossfieldError,
     DeadlineExceededError,
     ServerUnavailableError,
+    never_sent,
 )
 from crossfield.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+_INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+INFERENCE_SERVICE = _INFERENCE.full_name
+# The calls gRPC's retry policy covers (module docstring): those with one request and one answer.
+UNARY_METHODS = tuple(
+    m.name for m in _INFERENCE.methods if not (m.client_streaming or m.server_streaming)
+)
 
 KEEPALIVE_TIME_S = 30
 KEEPALIVE_TIMEOUT_S = 10
@@ -110,7 +123,8 @@ class RetryPolicy:
 
     def service_config(self) -> dict:
         """The channel's retry policy for what a server refused for now (see module)."""
-        config: dict = {"methodConfig": [{"name": [{"service": INFERENCE_SERVICE}]}]}
+        names = [{"service": INFERENCE_SERVICE, "method": m} for m in UNARY_METHODS]
+        config: dict = {"methodConfig": [{"name": names}]}
         if self.attempts > 1:
             config["methodConfig"][0]["retryPolicy"] = {
                 "maxAttempts": min(self.attempts, GRPC_MAX_ATTEMPTS),
@@ -296,9 +310,13 @@ class Connection:
 
     def went_away(self, error: CrossfieldError) -> bool:
         """Whether ``error``, from a call to this server, means the server went away
-        (crashed, stopped, frozen) rather than refused: UNAVAILABLE, and no answer now.
-        Structures in flight then count towards ``RetryPolicy.poison_after``."""
-        return error.code == "UNAVAILABLE" and not self.answers()
+        (crashed, stopped, frozen) with the call in flight, rather than refused it:
+        UNAVAILABLE, no answer now, and the call was sent. Structures in flight then
+        count towards ``RetryPolicy.poison_after``. A server found gone is passed over
+        by ``pick`` for a while (``answers``), whether or not the call reached it."""
+        if error.code != "UNAVAILABLE":
+            return False
+        return not self.answers() and not never_sent(error)
 
     def why_unreachable(self) -> str:
         """What gRPC says when a call cannot reach this address (for error messages)."""
@@ -340,6 +358,16 @@ class RoundRobin:
     def next(self) -> Connection:
         with self._lock:
             return next(self._cycle)
+
+    @property
+    def waits_for_ready(self) -> bool:
+        """Whether a call waits for its server to come up (gRPC's ``wait_for_ready``):
+        only with one address, where there is nowhere else to go. With several, a call
+        fails at once on a server that went away and moves on to the next: ``pick`` saw
+        it up, but its state reaches us late (a polling thread), and a waiting call sent
+        in that gap would wait for the gone replica until its deadline, while the others
+        answer (seen as a 30 s DEADLINE_EXCEEDED while one replica of two drained)."""
+        return len(self.connections) == 1
 
     def after(self, failed: Connection) -> Connection:
         """The connection after ``failed``: a retry moves on from the server that failed,

@@ -104,6 +104,18 @@ def error_for(code: str, details: str) -> CrossfieldError:
 POISON_KEY = "crossfield-poison"
 
 
+# What gRPC says of a call it failed before any server saw it: the channel had no
+# connection to send it on (the load-balancing pick failed; round_robin, pick_first).
+NOT_SENT = ("connections to all backends failing", "failed to connect to all addresses")
+
+
+def never_sent(error: CrossfieldError) -> bool:
+    """Whether gRPC failed the call before it reached a server: the call cannot have
+    hurt a server, so its structures do not count towards poison control. (Matched on
+    gRPC's message: should it change, such a call counts as lost, as before.)"""
+    return error.code == "UNAVAILABLE" and error.details.startswith(NOT_SENT)
+
+
 def from_rpc_error(error: grpc.RpcError) -> CrossfieldError:
     """The exception for a failed call (sync or asyncio); a structure the server marked
     as poison (trailing metadata ``crossfield-poison``) becomes PoisonStructureError."""

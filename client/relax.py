@@ -23,6 +23,7 @@ from crossfield.client.errors import (
     PoisonStructureError,
     ServerUnavailableError,
     from_rpc_error,
+    never_sent,
 )
 from crossfield.client.results import status_error
 from crossfield.v1 import relax_pb2, relax_pb2_grpc
@@ -119,21 +120,30 @@ def relax_many(
         stream = _Stream(work, settings, names, max_steps, client.retries.attempts)
         work.new_round()
         stub = relax_pb2_grpc.RelaxationStub(connection.channel)
-        call = stub.Relax(stream.requests(), metadata=client._metadata, wait_for_ready=True)
+        call = stub.Relax(
+            stream.requests(),
+            metadata=client._metadata,
+            wait_for_ready=client._servers.waits_for_ready,
+        )
         try:
             for response in call:
                 yield from stream.answer(response)
         except grpc.RpcError as err:
             error = from_rpc_error(err)
-            if not connection.went_away(error):
+            gone = connection.went_away(error)
+            if never_sent(error):  # no connection to send it on: to the next server
+                yield from stream.close(error, again=True)
+            elif not gone:
                 # The server refused the call (or is there and said UNAVAILABLE itself):
                 # every structure not yet answered gets the error.
-                yield from stream.close(error, lost=False)
+                yield from stream.close(error, again=False)
                 yield from work.fail_all(error)
                 return
-            yield from stream.close(error, lost=True, limit=client.retries.poison_after)
+            else:
+                limit = client.retries.poison_after
+                yield from stream.close(error, again=True, lost=True, limit=limit)
         else:
-            yield from stream.close(None, lost=False)
+            yield from stream.close(None, again=False)
         finally:
             call.cancel()
 
@@ -260,17 +270,21 @@ class _Stream:
         yield _final(item, result)
 
     def close(
-        self, error: CrossfieldError | None, lost: bool, limit: int | None = None
+        self,
+        error: CrossfieldError | None,
+        again: bool,
+        lost: bool = False,
+        limit: int | None = None,
     ) -> Iterator[RelaxResult]:
-        """The call ended: its unanswered structures go again (``lost``: the server went
-        away, counted towards poison), or get ``error``."""
+        """The call ended: its unanswered structures go ``again`` (``lost``: the server
+        went away with them, counted towards poison, up to ``limit``), or get ``error``."""
         with self._work.lock:
             self.ended = True
             left = sorted(self._pending.values(), key=lambda i: i.index)
             self._pending.clear()
         for item in left:
             item.lost += lost
-            if lost and (limit is None or item.lost < limit):
+            if again and (not lost or limit is None or item.lost < limit):
                 self._work.again(item)
                 continue
             if lost:

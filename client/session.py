@@ -70,6 +70,7 @@ class Session:
         self._call = None
         self._requests: queue.SimpleQueue | None = None
         self._connection: Connection | None = None
+        self._reopen_after: Connection | None = None  # whose session failed last
         self._held: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self._start_properties: tuple[str, ...] = ()
         self._watchdog = _Watchdog()
@@ -85,6 +86,7 @@ class Session:
             except grpc.RpcError as err:  # the session's call is over
                 error = self._ended(err)
                 connection, self._connection = self._connection, None
+                self._reopen_after = connection  # the next session: on the next server
                 if error.code == "UNIMPLEMENTED":
                     raise SessionsUnsupportedError(error.details, error.code) from None
                 if connection and connection.went_away(error):
@@ -155,15 +157,19 @@ class Session:
         return inference_pb2.SessionRequest(step=step), (held[0], held[1], _copy(cell))
 
     def _open(self, deadline: float | None) -> None:
-        """A new session on the next server that is up (within ``deadline``)."""
-        connection = self._servers.pick(deadline)
+        """A new session on the next server that is up (within ``deadline``), after the
+        one whose session just failed."""
+        connection = self._servers.pick(deadline, after=self._reopen_after)
         if connection is None:
             raise self._servers.no_server("ComputeSession", self._timeout)
         self._requests = queue.SimpleQueue()
         self._call = connection.stub.ComputeSession(
-            iter(self._requests.get, None), metadata=self._metadata, wait_for_ready=True
+            iter(self._requests.get, None),
+            metadata=self._metadata,
+            wait_for_ready=self._servers.waits_for_ready,
         )
         self._connection = connection
+        self._reopen_after = None
         self._held = None  # a new session holds nothing
 
     def _ended(self, error: grpc.RpcError) -> CrossfieldError:

@@ -26,6 +26,7 @@ import io
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,7 +105,9 @@ class _Child:
         fds = [theirs.fileno() for _, theirs in pairs]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         command = [sys.executable, "-m", __name__, *map(str, fds), str(threads)]
-        self.process = subprocess.Popen(command, pass_fds=fds, env=env)
+        # A session of its own: a Ctrl-C in the server's terminal goes to the terminal's
+        # process group, and the server, not the child, decides when the child ends.
+        self.process = subprocess.Popen(command, pass_fds=fds, env=env, start_new_session=True)
         for _, theirs in pairs:
             theirs.close()
         self.evaluations = _Channel(self, pairs[0][0])
@@ -249,7 +252,13 @@ def pickle_model(model: CrossfieldMACE) -> bytes:
 def child_main(evaluations: Connection, control: Connection, threads: int) -> None:
     """Serve the parent until it sends None or goes away: evaluations on this thread, one
     after another (the runner sends one batch at a time), loads on a thread of their own,
-    so that a new version compiles while the one serving goes on."""
+    so that a new version compiles while the one serving goes on.
+
+    SIGINT and SIGTERM are ignored: a signal meant for the server (systemd's stop signals
+    every process of the service) must not end the child under a batch the server is
+    still draining; the server stops it once drained, and its death ends the child too."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     models: dict[str, Any] = {}
     threading.Thread(target=serve_control, args=(control, models), daemon=True).start()

@@ -207,3 +207,74 @@ def test_a_full_queue_is_retried_with_backoff_until_it_has_room(model) -> None:
     assert refused > 0, "the queue never filled: the test did not exercise the retries"
     assert not failures, failures[:3]
     assert len(answers) == 24
+
+
+def _first_pick_is(monkeypatch, pool_class, index: int) -> None:
+    """Every fresh call's first ``pick`` returns connection ``index``, whatever its state:
+    the race in which ``pick`` saw a replica up an instant before it went away (retries,
+    ``pick(after=...)``, choose as usual)."""
+    original = pool_class.pick
+    if asyncio.iscoroutinefunction(original):
+
+        async def pick(self, deadline, after=None):
+            if after is None:
+                return self.connections[index]
+            return await original(self, deadline, after)
+
+    else:
+
+        def pick(self, deadline, after=None):
+            if after is None:
+                return self.connections[index]
+            return original(self, deadline, after)
+
+    monkeypatch.setattr(pool_class, "pick", pick)
+
+
+def test_a_call_sent_to_a_replica_that_just_went_away_moves_on_at_once(model, monkeypatch) -> None:
+    """Two replicas, the first gone; each call is first sent to it (``_first_pick_is``).
+    Compute, an MD session's first step and the async client's Compute are answered by
+    the second replica at once, not after waiting for the gone one until their deadline
+    (a waiting call on a channel whose server is gone waits for it to come back). A call
+    that never left the client does not count towards poison control: with
+    ``poison_after=1`` each would otherwise fail as poison."""
+    from crossfield.client.aio import AsyncRoundRobin
+    from crossfield.client.connection import RoundRobin
+
+    gone_port, live_port = free_port(), free_port()
+    gone = serve_on(gone_port, model)
+    live = serve_on(live_port, model)
+    addresses = [f"127.0.0.1:{gone_port}", f"127.0.0.1:{live_port}"]
+    atoms = molecule("H2O")
+    expected = float(evaluate(model, [Structure.from_atoms(atoms, head="pbe")])[0]["energy"])
+    timeout = 20.0
+    retries = RetryPolicy(poison_after=1)
+    try:
+        with Client(addresses, head="pbe", timeout=timeout, retries=retries) as client:
+            client.compute(atoms)  # both replicas were up
+            client.compute(atoms)
+            gone.stop(grace=0)
+            _first_pick_is(monkeypatch, RoundRobin, 0)
+            answers = {}
+            for name, call in (
+                ("Compute", lambda: client.compute(atoms).energy),
+                ("session", lambda: client.session().compute(atoms, ("energy",)).energy),
+            ):
+                started = time.monotonic()
+                answers[name] = (call(), time.monotonic() - started)
+
+        async def async_compute() -> float:
+            async with AsyncClient(
+                addresses, head="pbe", timeout=timeout, retries=retries
+            ) as client:
+                return (await client.compute(atoms)).energy
+
+        _first_pick_is(monkeypatch, AsyncRoundRobin, 0)
+        started = time.monotonic()
+        answers["async Compute"] = (asyncio.run(async_compute()), time.monotonic() - started)
+    finally:
+        live.stop(grace=0)
+        gone.stop(grace=0)
+    for name, (energy, seconds) in answers.items():
+        assert np.isclose(energy, expected, rtol=1e-10, atol=0.0), name
+        assert seconds < timeout / 4, f"{name} waited {seconds:.1f} s for the gone replica"

@@ -107,6 +107,28 @@ def test_a_killed_model_process_is_replaced_and_no_answer_is_lost() -> None:
         check_answer(inference.Compute(request_for(batch[0]), timeout=60), expected[0], "after")
 
 
+def test_signals_meant_for_the_server_leave_its_model_process_alone() -> None:
+    """A Ctrl-C goes to the terminal's process group, systemd's stop signal to every
+    process of the service: the child is in a session of its own and ignores both, so
+    the server drains its queue through the same child (no restart, no lost answer)."""
+    model = small_model()
+    batch = structures(6, seed=9)
+    expected = reference(model, batch)
+    with running_server({"small": model}, settings=MODEL_PROCESS) as server:
+        inference = stub(server)
+        check_answer(inference.Compute(request_for(batch[0]), timeout=60), expected[0], "first")
+        child = server.runner.process._child.process
+        assert os.getpgid(child.pid) != os.getpgid(os.getpid())
+        with runner_held(server):
+            futures = [inference.Compute.future(request_for(s), timeout=120) for s in batch]
+            wait_queued(server, len(batch))
+            os.kill(child.pid, signal.SIGINT)
+            os.kill(child.pid, signal.SIGTERM)
+        for index, future in enumerate(futures):
+            check_answer(future.result(), expected[index], f"structure {index}")
+        assert child.poll() is None and server.runner.process.restarts == 0
+
+
 def test_a_structure_that_kills_the_model_process_fails_alone() -> None:
     model = crashing(small_model())
     batch = [s for s in structures(8, seed=7) if 14 not in s.numbers][:3]
