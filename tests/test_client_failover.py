@@ -233,11 +233,11 @@ def _first_pick_is(monkeypatch, pool_class, index: int) -> None:
 
 def test_a_call_sent_to_a_replica_that_just_went_away_moves_on_at_once(model, monkeypatch) -> None:
     """Two replicas, the first gone; each call is first sent to it (``_first_pick_is``).
-    Compute, an MD session's first step and the async client's Compute are answered by
-    the second replica at once, not after waiting for the gone one until their deadline
-    (a waiting call on a channel whose server is gone waits for it to come back). A call
-    that never left the client does not count towards poison control: with
-    ``poison_after=1`` each would otherwise fail as poison."""
+    Compute, an MD session's first step, a relaxation (its first evaluation) and the async
+    client's Compute are answered by the second replica at once, not after waiting for the
+    gone one until their deadline (a waiting call on a channel whose server is gone waits
+    for it to come back). A call that never left the client does not count towards poison
+    control: with ``poison_after=1`` each would otherwise fail as poison."""
     from crossfield.client.aio import AsyncRoundRobin
     from crossfield.client.connection import RoundRobin
 
@@ -262,6 +262,10 @@ def test_a_call_sent_to_a_replica_that_just_went_away_moves_on_at_once(model, mo
             ):
                 started = time.monotonic()
                 answers[name] = (call(), time.monotonic() - started)
+            started = time.monotonic()
+            [relaxed] = client.relax_many([atoms], fmax=10.0, max_steps=0)
+            assert relaxed.error is None, relaxed.error
+            answers["relaxation"] = (relaxed.energy, time.monotonic() - started)
 
         async def async_compute() -> float:
             async with AsyncClient(
