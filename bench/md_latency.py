@@ -9,9 +9,10 @@ atoms with:
 - ``in-process``: ``CrossfieldCalculator`` in this process;
 - ``remote``: ``RemoteCalculator`` (its default: an MD session, positions only after the
   first step) against ``crossfield serve`` with its default settings, a separate process
-  with the same model, dtype and torch threads;
-- ``remote, model process``: the same against ``crossfield serve --model-process``, whose
-  model runs in a process of its own (one more hop per step, through a pipe);
+  with the same model, dtype and torch threads (on a CPU its eager model evaluates in a
+  model process of its own, whose lone session steps the server runs with its own copy);
+- ``remote, in-thread model``: the same against ``crossfield serve --no-model-process``,
+  whose model runs in the server's process;
 - ``remote-unary``: the same with ``session=False`` (one Compute call per step);
 - ``i-PI TCP`` and ``i-PI UNIX``: ASE's ``SocketIOCalculator`` here, driving an ASE
   ``SocketClient`` in another process that evaluates the same model with
@@ -197,7 +198,14 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-MODES = ("in-process", "remote", "remote, model process", "remote-unary", "i-PI TCP", "i-PI UNIX")
+MODES = (
+    "in-process",
+    "remote",
+    "remote, in-thread model",
+    "remote-unary",
+    "i-PI TCP",
+    "i-PI UNIX",
+)
 
 
 def main() -> None:
@@ -225,7 +233,9 @@ def main() -> None:
             save_checkpoint(small_model(), checkpoint)
         model = load(args, checkpoint)
         server, address = start_server(args, checkpoint)
-        process_server, process_address = start_server(args, checkpoint, ("--model-process",))
+        in_thread_server, in_thread_address = start_server(
+            args, checkpoint, ("--no-model-process",)
+        )
         # the shipped default model's heads do not cover Cu: its answers are flagged as
         # extrapolations, at the same cost (in-process and i-PI answer without asking)
         remote = {"model": "default", "allow_extrapolation": True}
@@ -242,7 +252,7 @@ def main() -> None:
                     calculators = {
                         "in-process": CrossfieldCalculator(model, dtype=dtype),
                         "remote": RemoteCalculator(address, **remote),
-                        "remote, model process": RemoteCalculator(process_address, **remote),
+                        "remote, in-thread model": RemoteCalculator(in_thread_address, **remote),
                         "remote-unary": RemoteCalculator(address, session=False, **remote),
                         "i-PI TCP": sockets[n, False],
                         "i-PI UNIX": sockets[n, True],
@@ -261,7 +271,7 @@ def main() -> None:
         finally:
             for calculator in sockets.values():
                 calculator.close()
-            for process in (server, process_server):
+            for process in (server, in_thread_server):
                 process.terminate()
                 process.wait(timeout=60)
     result = {

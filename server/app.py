@@ -84,7 +84,7 @@ class ServerConfig:
     version_policy: str = "latest"  # for models without their own config.json
     backend: Backend = field(default_factory=Backend)  # per model: REPO/NAME/config.json
     # Evaluate models in a child process (model_process.py): True, False, or None for the
-    # automatic choice by backend (``model_process``).
+    # automatic choice by backend (``model_process``), ``crossfield serve``'s default.
     model_process: bool | None = False
 
 
@@ -92,7 +92,7 @@ class ServerConfig:
 # steps skip the child by running the server's own eager copy; an AOT package has no such
 # copy (only the process that loads it holds it), so in a child every one of its 2-5 ms
 # small-structure steps would pay the hop (0.1-1 ms). Under many clients the child still
-# gains an AOT model 18-37 % (README, serving throughput): ``model_process=True`` gives that.
+# gains an AOT model 18-37 % (README, serving throughput): ``--model-process`` gives that.
 IN_PROCESS_BACKENDS = frozenset({"aot"})
 
 

@@ -163,11 +163,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--model-process",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="CPU only: evaluate the models in a process of their own, so that they do not "
         "share the interpreter lock with the server's I/O: 1.1-1.7x the molecules/s under "
         "32 clients in our runs, for one more hop per batch (0.1-1 ms; a lone MD session's "
-        "steps of an eager model skip it); default off (see the README)",
+        "steps of an eager model skip it). Default: on for a CPU's eager, compile and "
+        "script models, off for AOT packages (whose lone MD steps would pay the hop) and GPUs",
     )
     parser.add_argument(
         "--max-workers",

@@ -158,7 +158,7 @@ def test_serve_refuses_a_model_process_on_a_gpu() -> None:
 
 
 def test_the_automatic_choice_gives_eager_models_a_model_process_and_keeps_aot_packages() -> None:
-    """``model_process=None`` (the automatic choice): on a CPU, models that run
+    """``model_process=None`` (``crossfield serve``'s default): on a CPU, models that run
     Python between kernels go to the child, AOT packages stay (their lone MD steps would
     pay the hop: the server keeps no copy of a package to run them itself); the child
     starts with the first model it is given, and a GPU gets none."""

@@ -140,16 +140,19 @@ def child_commands(pid: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_serve_evaluates_in_a_model_process_only_when_told_to(tmp_path: Path) -> None:
-    """By default the model runs in the server's process; with ``--model-process`` in a
-    child process of its own, answering what the model gives in-process."""
+def test_serve_on_a_cpu_evaluates_an_eager_model_in_a_model_process_unless_told_not_to(
+    tmp_path: Path,
+) -> None:
+    """The automatic choice: on a CPU an eager model runs in a child process of its own
+    (``--model-process``'s default), answering what the model gives in-process;
+    ``--no-model-process`` keeps it in the server's process."""
     model = small_model()
     path = tmp_path / "small.pt"
     save_checkpoint(model, path)
     water = Structure.from_atoms(molecule("H2O"))
     expected = evaluate(model, [water])[0]["energy"]
     found = {}
-    for option in ([], ["--model-process"]):
+    for option in ([], ["--no-model-process"]):
         arguments = ["--checkpoint", str(path), "--name", "small", "--dtype", "float64"]
         with serve(*arguments, "--device", "cpu", *option) as (process, port):
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -161,4 +164,4 @@ def test_serve_evaluates_in_a_model_process_only_when_told_to(tmp_path: Path) ->
                 "crossfield.server.model_process" in command for command in children
             )
             channel.close()
-    assert found == {"default": False, "--model-process": True}
+    assert found == {"default": True, "--no-model-process": False}
