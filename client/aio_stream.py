@@ -24,6 +24,7 @@ from crossfield.client.errors import (
     lost_in_flight,
 )
 from crossfield.client.results import Result, response_result, retryable_answer
+from crossfield.client.stream import STREAM_END_S
 from crossfield.client.work import Ledger, OpenStream, Work
 from crossfield.v1 import inference_pb2
 
@@ -71,11 +72,13 @@ class AsyncStreamRun:
             aiter(self._source) if isinstance(self._source, AsyncIterable) else iter(self._source)
         )
         tasks = [asyncio.create_task(self._work_safely(c)) for c in self._servers.connections]
+        completed = False
         try:
             given_up = 0
             while True:
                 item = await self._results.get()
                 if item is _DONE:
+                    completed = True
                     break
                 if isinstance(item, Result):
                     yield item
@@ -87,6 +90,8 @@ class AsyncStreamRun:
             if self._source_error is not None:
                 raise self._source_error
         finally:
+            if completed:  # the streams end as completed calls (see ``StreamRun``)
+                await asyncio.wait(tasks, timeout=STREAM_END_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -47,6 +47,7 @@ class _WorkerEnd:
 
 
 _DONE = object()  # every structure is answered
+STREAM_END_S = 5.0  # how long a finished run waits for its servers to end their streams
 
 
 class StreamRun:
@@ -86,11 +87,13 @@ class StreamRun:
         ]
         for worker in workers:
             worker.start()
+        completed = False
         try:
             given_up = 0
             while True:
                 item = self._results.get()
                 if item is _DONE:
+                    completed = True
                     break
                 if isinstance(item, Result):
                     yield item
@@ -103,9 +106,15 @@ class StreamRun:
             if self._source_error is not None:
                 raise self._source_error
         finally:
-            self._stop()
+            # Every structure answered: the streams end as completed calls (no more
+            # requests, then the server's OK), not cancelled ones. A cancel that crosses
+            # the last answer on the wire makes the server count that answer CANCELLED,
+            # though the client has it. Ended early (an error, or the caller stopped
+            # iterating), they are cancelled at once.
+            self._stop(cancel=not completed)
             for worker in workers:
-                worker.join(timeout=5.0)
+                worker.join(timeout=STREAM_END_S)
+            self._stop(cancel=True)  # a stream its server did not end in time
 
     # -- one worker per server -------------------------------------------------------------
     def _work_safely(self, connection: Connection) -> None:
@@ -249,10 +258,12 @@ class StreamRun:
             self._finish(Result(work.index, error=lost_in_flight(work.lost_on)))
         return unanswered
 
-    def _stop(self) -> None:
+    def _stop(self, cancel: bool) -> None:
+        """No more requests on any stream (each ends once its server has answered what it
+        holds); ``cancel``: end the open calls now."""
         with self._cond:
             self._stopping = True
-            calls = list(self._calls)
+            calls = list(self._calls) if cancel else []
             self._cond.notify_all()
         for call in calls:
             call.cancel()

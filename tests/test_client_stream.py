@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import server_support
 from ase.build import molecule
 from client_support import free_port, mixed_structures, running_server, small_model
 
@@ -146,3 +147,41 @@ def test_async_client(model, two_servers) -> None:
         if want is not None:
             np.testing.assert_allclose(result.forces, want["forces"], rtol=1e-9, atol=1e-11)
     assert [m.name for m in models.models] == ["small"]
+
+
+SYNC_RUNS, ASYNC_RUNS = 2, 5
+
+
+def test_a_finished_run_ends_its_streams_as_completed_calls(model) -> None:
+    """Every structure answered: the sync and async clients end their streams by sending
+    no more (the server ends them OK), not by cancelling them, so the server counts every
+    answer the client got as OK. (A cancel that crossed the last answer on the wire once
+    made a soak's server count 749 OK answers against the clients' 750.) The async
+    client's cancel races the server's end of the stream (a run with it cancelling was
+    caught 1 time in 3), hence several runs."""
+    structures = mixed_structures(12, seed=5)
+    with server_support.running_server({"small": model}) as server:
+        address = f"127.0.0.1:{server.port}"
+        with Client(address, head="pbe") as client:
+            for _ in range(SYNC_RUNS):
+                assert all(r.ok for r in client.compute_many(structures, max_in_flight=4))
+
+        async def many() -> list:
+            async with AsyncClient(address, head="pbe") as client:
+                return [r async for r in client.compute_many(structures, max_in_flight=4)]
+
+        for _ in range(ASYNC_RUNS):
+            assert all(r.ok for r in asyncio.run(many()))
+        counts = server_support.scrape(server)
+
+    def ended(reason: str) -> float:
+        return counts.get(("crossfield_streams_ended_total", frozenset({("reason", reason)})), 0)
+
+    answered = sum(
+        value
+        for (name, labels), value in counts.items()
+        if name == "crossfield_requests_total" and ("status", "OK") in labels
+    )
+    runs = SYNC_RUNS + ASYNC_RUNS
+    assert (ended("completed"), ended("cancelled")) == (runs, 0)
+    assert answered == runs * len(structures)
