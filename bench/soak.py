@@ -409,7 +409,7 @@ def abandon_stream(run: Run, rng: random.Random, close_channel: bool) -> None:
 
 
 KILLED_CLIENT = """
-import sys, grpc, numpy as np
+import sys, time, grpc, numpy as np
 from crossfield.v1 import inference_pb2_grpc
 from crossfield.v1.messages import compute_request
 def requests():
@@ -417,10 +417,21 @@ def requests():
         yield compute_request(np.array([8, 1, 1]), np.array([[0, 0, 0], [0.96, 0, 0],
             [-0.24, 0.93, 0.0]]) + 0.01 * (n % 7), model="victim", id=str(n))
 stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(sys.argv[1]))
-# wait_for_ready: a victim started during the deliberate restart waits for the new server
-for n, _ in enumerate(stub.ComputeStream(requests(), timeout=60, wait_for_ready=True)):
-    if n == 0:
-        print("streaming", flush=True)
+# wait_for_ready: a victim started during the deliberate restart waits for the new server;
+# one that reached the old server as it stopped is told UNAVAILABLE (or CANCELLED, before
+# a handler took it: grpc/grpc#41785) and tries again
+again = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+deadline = time.monotonic() + 60
+while True:
+    try:
+        for n, _ in enumerate(stub.ComputeStream(requests(), timeout=60, wait_for_ready=True)):
+            if n == 0:
+                print("streaming", flush=True)
+        break
+    except grpc.RpcError as err:
+        if err.code() not in again or time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
 """
 
 
