@@ -420,8 +420,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     metrics = "off" if server.metrics_port is None else server.metrics_port
+    child = None if server.runner.process is None else server.runner.process.pid
+    placement = "" if child is None else f"; models evaluate in a model process, pid {child}"
     print(
-        f"crossfield serve: listening on port {server.port}, metrics on port {metrics}", flush=True
+        f"crossfield serve: listening on port {server.port}, metrics on port {metrics}{placement}",
+        flush=True,
     )
     while not stop.wait(0.5):
         pass

@@ -167,6 +167,12 @@ class ModelProcess:
         """Whether models compiled for ``backend`` (resolved) are evaluated here."""
         return backend not in self.skipped
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id; None until a model started it."""
+        with self._lock:
+            return None if self._child is None else self._child.process.pid
+
     def load(self, spec: ModelSpec) -> tuple[str, dict[str, Any]]:
         """Have the child hold the model of ``spec``; returns its key there and the
         child's report (``compile_seconds``). Raises ``ModelProcessError`` naming

@@ -27,7 +27,8 @@ from crossfield.v1 import inference_pb2, inference_pb2_grpc
 
 @contextmanager
 def serve(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Start ``crossfield serve ARGS`` on loopback; yields the process and its gRPC port."""
+    """Start ``crossfield serve ARGS`` on loopback; yields the process and its gRPC port
+    (the line that announced it: ``process.listening``)."""
     command = [
         sys.executable,
         "-m",
@@ -51,6 +52,7 @@ def serve(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
             lines.append(line)
             match = re.search(r"listening on port (\d+)", line)
             if match:
+                process.listening = line
                 break
         else:
             pytest.fail("server exited before listening:\n" + "".join(lines))
@@ -123,9 +125,9 @@ def test_serve_without_arguments_serves_the_labelled_default_model() -> None:
         assert process.wait(timeout=30) == 0
 
 
-def child_commands(pid: int) -> list[str]:
-    """The command lines of the processes whose parent is ``pid`` (Linux /proc)."""
-    commands = []
+def children_of(pid: int) -> dict[int, str]:
+    """The command lines of the processes whose parent is ``pid``, by pid (Linux /proc)."""
+    commands = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -135,7 +137,7 @@ def child_commands(pid: int) -> list[str]:
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
         if parent == pid:
-            commands.append(command)
+            commands[int(entry.name)] = command
     return commands
 
 
@@ -159,9 +161,13 @@ def test_serve_on_a_cpu_evaluates_an_eager_model_in_a_model_process_unless_told_
             inference = inference_pb2_grpc.InferenceStub(channel)
             response = inference.Compute(request_for(water), timeout=60)
             np.testing.assert_allclose(response.energy, expected, rtol=1e-10)
-            children = child_commands(process.pid)
-            found[" ".join(option) or "default"] = any(
-                "crossfield.server.model_process" in command for command in children
-            )
+            children = children_of(process.pid)
+            child = "crossfield.server.model_process"
+            label = " ".join(option) or "default"
+            found[label] = any(child in command for command in children.values())
+            # the server says so, naming the child
+            said = re.search(r"models evaluate in a model process, pid (\d+)", process.listening)
+            assert (said is not None) == found[label], process.listening
+            assert said is None or child in children[int(said.group(1))]
             channel.close()
     assert found == {"default": True, "--no-model-process": False}
