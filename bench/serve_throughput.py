@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model-process",
         choices=("off", "on", "both"),
         default="both",
-        help="evaluate the model in the server's process (off, crossfield serve's default), "
-        "in a process of its own (on, crossfield serve --model-process), or measure both "
-        "side by side",
+        help="evaluate the model in the server's process (off, crossfield serve "
+        "--no-model-process), in a process of its own (on, crossfield serve's default for "
+        "an eager model on a CPU), or measure both side by side",
     )
     parser.add_argument(
         "--backend",

@@ -130,7 +130,7 @@ def relax_many(
                 yield from stream.answer(response)
         except grpc.RpcError as err:
             error = from_rpc_error(err)
-            gone = connection.went_away(error)
+            gone = connection.went_away(error)  # its probe also has `pick` pass a gone one over
             if never_sent(error):  # no connection to send it on: to the next server
                 yield from stream.close(error, again=True)
             elif not gone:
