@@ -4,7 +4,8 @@ the i-PI socket protocol, the standard way to drive a remote force engine.
 An MD driver sends one structure per step and waits for the forces, so what a server adds
 to every step (serialisation, loopback transport, queueing, the server's own graph
 building) is paid in full. This runs VelocityVerlet on fcc copper crystals of 8 and 64
-atoms with:
+atoms by default (``--systems`` adds others: a larger crystal, a slab with an adsorbate, a
+molecule without a cell) with:
 
 - ``in-process``: ``CrossfieldCalculator`` in this process;
 - ``remote``: ``RemoteCalculator`` (its default: an MD session, positions only after the
@@ -24,7 +25,8 @@ in-process. Aims (issue 16): below 0.5 ms, and no worse than the socket. Writes
 ``docs/md_latency.json`` and ``docs/md_latency.png``.
 
 Usage: python bench/md_latency.py [--model default|small] [--steps 100] [--rounds 3]
-       [--threads 1] [--dtype float32|float64] [--out docs/md_latency.json]
+       [--threads 1] [--dtype float32|float64] [--systems Cu8 Cu64 ...]
+       [--out docs/md_latency.json]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units
-from ase.build import bulk
+from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.calculators.socketio import SocketClient, SocketIOCalculator
 from ase.io import read, write
 from ase.md.verlet import VelocityVerlet
@@ -52,7 +54,32 @@ from crossfield.model import HeadConfig, ModelConfig, build_model, save_checkpoi
 from crossfield.model.calculator import CrossfieldCalculator
 from crossfield.model.presets import default_model
 
-SIZES = {8: (2, 1, 1), 64: (2, 2, 4)}
+
+def _copper(repeat: tuple[int, int, int]):
+    return bulk("Cu", "fcc", a=3.6, cubic=True) * repeat
+
+
+def _copper_slab():
+    slab = fcc111("Cu", size=(3, 3, 4), vacuum=8.0)
+    add_adsorbate(slab, molecule("CO"), 2.0, "ontop")
+    return slab
+
+
+def _benzene():
+    atoms = molecule("C6H6")
+    atoms.center()
+    return atoms
+
+
+# Structures an MD user runs, by name: periodic crystals of several sizes, a slab (periodic
+# in two directions) and a molecule (none); all elements of both models.
+SYSTEMS = {
+    "Cu8": ("fcc Cu crystal", lambda: _copper((2, 1, 1))),
+    "Cu64": ("fcc Cu crystal", lambda: _copper((2, 2, 4))),
+    "Cu256": ("fcc Cu crystal", lambda: _copper((4, 4, 4))),
+    "Cu-slab-CO": ("Cu(111) slab, CO on top", _copper_slab),
+    "benzene": ("benzene, no cell", _benzene),
+}
 
 
 def small_model():
@@ -69,18 +96,19 @@ def small_model():
     return build_model(config, seed=0)
 
 
-def crystal(atoms_count: int):
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * SIZES[atoms_count]
+def system(name: str):
+    """The structure ``name`` of ``SYSTEMS``, rattled, with random momenta (seeded)."""
+    atoms = SYSTEMS[name][1]()
     atoms.rattle(0.03, seed=1)
     atoms.set_momenta(np.random.default_rng(0).normal(scale=0.3, size=(len(atoms), 3)))
     return atoms
 
 
-def time_md(calculator, atoms_count: int, steps: int, observe=None, warmup: int = 5) -> float:
+def time_md(calculator, name: str, steps: int, observe=None, warmup: int = 5) -> float:
     """Median seconds per VelocityVerlet step (one force evaluation each); the median of
     single steps rather than the mean, so that a busy machine's stalls do not count.
     ``observe()`` runs after every timed step."""
-    atoms = crystal(atoms_count)
+    atoms = system(name)
     atoms.calc = calculator
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
     dynamics.run(warmup)
@@ -177,15 +205,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = [m for m in MODES if m != "in-process"]
-    sizes = list(result["sizes"])
-    figure, axis = plt.subplots(figsize=(7.6, 3.8))
+    systems = result["systems"]
+    figure, axis = plt.subplots(figsize=(max(7.6, 3.2 * len(systems)), 3.8))
     width = 0.8 / len(modes)
     for k, mode in enumerate(modes):
-        heights = [result["sizes"][n]["overhead_ms"][mode] for n in sizes]
-        bars = axis.bar([i + k * width for i in range(len(sizes))], heights, width, label=mode)
+        heights = [measured["overhead_ms"][mode] for measured in systems.values()]
+        bars = axis.bar([i + k * width for i in range(len(systems))], heights, width, label=mode)
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
     axis.axhline(0.5, color="black", linewidth=0.8, linestyle="--", label="aim 0.5 ms")
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], [f"{n} atoms" for n in sizes])
+    labels = [f"{name}, {measured['atoms']} atoms" for name, measured in systems.items()]
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(systems))], labels)
     axis.set_ylabel("overhead per MD step over in-process (ms)")
     conditions = result["conditions"]
     axis.set_title(
@@ -215,6 +244,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, every process")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=tuple(SYSTEMS),
+        default=["Cu8", "Cu64"],
+        metavar="NAME",
+        help=f"structures to run MD on, of: {', '.join(SYSTEMS)} (default: Cu8 Cu64)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/md_latency.json"))
     parser.add_argument("--ipi-client", help=argparse.SUPPRESS)
     parser.add_argument("atoms", nargs="?", help=argparse.SUPPRESS)
@@ -239,16 +276,17 @@ def main() -> None:
         # the shipped default model's heads do not cover Cu: its answers are flagged as
         # extrapolations, at the same cost (in-process and i-PI answer without asking)
         remote = {"model": "default", "allow_extrapolation": True}
-        times: dict[int, dict[str, list[float]]] = {n: {m: [] for m in MODES} for n in SIZES}
-        server_side = {n: {"queue": [], "compute": []} for n in SIZES}
+        names = args.systems
+        times = {n: {m: [] for m in MODES} for n in names}
+        server_side = {n: {"queue": [], "compute": []} for n in names}
         sockets = {
             (n, unix): socket_calculator(args, checkpoint, folder, unix)
-            for n in SIZES
+            for n in names
             for unix in (False, True)
         }
         try:
             for _ in range(args.rounds):
-                for n in SIZES:
+                for n in names:
                     calculators = {
                         "in-process": CrossfieldCalculator(model, dtype=dtype),
                         "remote": RemoteCalculator(address, **remote),
@@ -285,22 +323,24 @@ def main() -> None:
             "server": "crossfield serve, default settings, separate process, loopback TCP",
             "load": "shared machine: other jobs ran; modes interleaved per round",
         },
-        "sizes": {},
+        "systems": {},
     }
-    print(f"{'atoms':>5} " + " ".join(f"{m:>13}" for m in MODES) + "   overhead (ms)")
-    for n in SIZES:
+    print(f"{'system':>10} " + " ".join(f"{m:>13}" for m in MODES) + "   overhead (ms)")
+    for n in names:
         ms = {m: 1e3 * float(np.median(times[n][m])) for m in MODES}
         overhead = {m: ms[m] - ms["in-process"] for m in MODES if m != "in-process"}
         reported = {k: 1e3 * float(np.median(v)) for k, v in server_side[n].items()}
         # the rest: transport, encoding, the client, the server's I/O (not its model)
         reported["rest"] = ms["remote"] - reported["queue"] - reported["compute"]
-        result["sizes"][n] = {
+        result["systems"][n] = {
+            "description": SYSTEMS[n][0],
+            "atoms": len(system(n)),
             "step_ms": ms,
             "overhead_ms": overhead,
             "remote_server_reports_ms": reported,  # queue wait, compute (graph incl.), rest
         }
         print(
-            f"{n:>5} "
+            f"{n:>10} "
             + " ".join(f"{ms[m]:>10.2f} ms" for m in MODES)
             + "   "
             + ", ".join(f"{m} {v:+.2f}" for m, v in overhead.items())
