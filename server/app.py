@@ -40,6 +40,7 @@ from .batcher import BatchLimits
 from .inline import OpenCalls
 from .loop import LoopThread
 from .metrics import Metrics
+from .model_child import Child
 from .model_process import ModelProcess
 from .models import Backend, ModelRegistry, ServedModel, serve_model
 from .relax_engine import RelaxEngine
@@ -96,31 +97,39 @@ class ServerConfig:
 IN_PROCESS_BACKENDS = frozenset({"aot"})
 
 
-def model_process(config: ServerConfig, metrics: Metrics) -> ModelProcess | None:
+def model_process(
+    config: ServerConfig, metrics: Metrics, child: Child | None = None
+) -> ModelProcess | None:
     """The model process ``config`` asks for. Only on a CPU: on a GPU the kernels run
     asynchronously and the device, not the lock, is what batches wait for. ``None``
     (automatic): on a CPU, for models that run Python between kernels (eager, compile,
     script), whose batches the server's I/O would otherwise slow through the lock; the
-    child starts with the first such model."""
-    if config.model_process is False:
-        return None
+    child starts with the first such model, or is ``child``, launched ahead (ended here
+    when no model process is wanted)."""
     on_cpu = torch.device(config.device).type == "cpu"
-    if config.model_process is None:
-        if not on_cpu:
-            return None
-        return ModelProcess(
-            on_restart=metrics.model_process_restarts.inc, skipped=IN_PROCESS_BACKENDS
-        )
+    wanted = config.model_process is not False and (on_cpu or config.model_process is True)
+    if not wanted:
+        if child is not None:
+            child.discard()
+        return None
     if not on_cpu:
+        if child is not None:
+            child.discard()
         raise ValueError(f"model_process: runs models on the CPU only, not on {config.device!r}")
-    return ModelProcess(on_restart=metrics.model_process_restarts.inc)
+    skipped = IN_PROCESS_BACKENDS if config.model_process is None else frozenset()
+    return ModelProcess(on_restart=metrics.model_process_restarts.inc, skipped=skipped, child=child)
 
 
 class InferenceServer:
     """A running Crossfield server; ``add_model`` before or after ``start``, or let the
     repository (``config.repository``) bring versions in."""
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig | None = None, model_child: Child | None = None
+    ) -> None:
+        """``model_child``: a model process launched already (``crossfield serve`` does so
+        before its own imports, so that the two import torch side by side), used when
+        ``config`` asks for one and ended when it does not."""
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.registry = ModelRegistry()
@@ -128,7 +137,7 @@ class InferenceServer:
             self.config.device,
             self.metrics,
             self.config.limits.graphs,
-            model_process(self.config, self.metrics),
+            model_process(self.config, self.metrics, model_child),
         )
         self.relax = RelaxEngine(self.registry, RelaxMetrics(self.metrics.registry))
         self.repository: ModelRepository | None = None

@@ -16,8 +16,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .graph_flags import add_graph_arguments, graph_limits
+
+if TYPE_CHECKING:  # imported when the command runs
+    from .model_child import Child
 
 TOKEN_VARIABLE = "CROSSFIELD_TOKEN"
 ADMIN_TOKEN_VARIABLE = "CROSSFIELD_ADMIN_TOKEN"
@@ -297,7 +301,33 @@ def read_token_file(path: Path) -> tuple[str, ...]:
     return tuple(line for line in lines if line)
 
 
+def launch_model_process(args: argparse.Namespace) -> Child | None:
+    """The model process, launched before this process imports torch when ``args`` will
+    likely want one, so that the two import torch and the model side by side (seconds
+    each) instead of one after the other; else None. Likely: not ``--no-model-process``,
+    a CPU or the automatic device, and models from files (a repository's arrive after the
+    start, and may all be AOT packages, which stay in this process: the child then starts
+    with the first model that needs it). One that no model needs is ended at once."""
+    if args.model_process is False or args.repo is not None:
+        return None
+    if args.device is not None and not args.device.startswith("cpu"):
+        return None
+    from .model_child import Child
+
+    return Child(args.threads or 0)
+
+
 def run(args: argparse.Namespace) -> int:
+    child = launch_model_process(args)
+    try:
+        return serve(args, child)
+    finally:
+        if child is not None:  # ended by the server's stop; here when it never got that far
+            child.discard()
+
+
+def serve(args: argparse.Namespace, child: Child | None) -> int:
+    """``crossfield serve`` itself; ``child``: a model process launched ahead, or None."""
     import logging
     import signal
     import threading
@@ -396,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device:
         config.device = args.device
     try:
-        server = InferenceServer(config)
+        server = InferenceServer(config, model_child=child)
     except ValueError as err:  # e.g. --model-process on a GPU
         print(f"crossfield serve: {err}", file=sys.stderr)
         return 2
@@ -414,14 +444,16 @@ def run(args: argparse.Namespace) -> int:
             server.add_model(model, name or Path(path).stem, version, metadata)
     except (ValueError, RuntimeError) as err:  # a backend that cannot run or compile this model
         raise SystemExit(f"crossfield serve: {err}") from None
+    if server.runner.process is not None and args.repo is None:
+        server.runner.process.release_idle()  # launched ahead for models that stayed here
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     metrics = "off" if server.metrics_port is None else server.metrics_port
-    child = None if server.runner.process is None else server.runner.process.pid
-    placement = "" if child is None else f"; models evaluate in a model process, pid {child}"
+    pid = None if server.runner.process is None else server.runner.process.pid
+    placement = "" if pid is None else f"; models evaluate in a model process, pid {pid}"
     print(
         f"crossfield serve: listening on port {server.port}, metrics on port {metrics}{placement}",
         flush=True,

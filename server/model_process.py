@@ -27,8 +27,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -41,14 +39,11 @@ import torch
 
 from crossfield.model import CrossfieldMACE, GraphBatch
 
+from .model_child import Child, ModelProcessError
+
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("energy", "node_energy", "forces", "stress")  # what the runner reads of a result
-
-
-class ModelProcessError(RuntimeError):
-    """A call the child could not carry out: its own exception, by type and message, or
-    the child's death."""
 
 
 @dataclass(frozen=True)
@@ -62,96 +57,22 @@ class ModelSpec:
     shapes: str
 
 
-class _Channel:
-    """One end of a socket pair to the child: a request, then its reply, one at a time."""
-
-    def __init__(self, child: _Child, ours: socket.socket) -> None:
-        self._child = child
-        self._conn = Connection(ours.detach())
-        self._lock = threading.Lock()
-
-    def call(self, message: Any) -> Any:
-        """Send ``message`` and wait for the reply; raises ``ModelProcessError`` with the
-        child's error, or when the child dies meanwhile."""
-        with self._lock:
-            try:
-                self._conn.send(message)
-                ok, payload = self._conn.recv()
-            except (EOFError, OSError):
-                raise ModelProcessError(self._child.died()) from None
-        if not ok:
-            raise ModelProcessError(payload)
-        return payload
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self._conn.close()
-
-
-class _Child:
-    """One child process: ``python -m crossfield.server.model_process`` with two socket
-    pairs, one for evaluations (the runner's thread sends a batch and reads its outputs
-    itself: no thread between it and the child) and one for loading versions (a compile
-    there does not hold up evaluations).
-
-    Not a ``multiprocessing`` child: spawning one of those runs the parent's ``__main__``
-    again (a user's script, a notebook), and forking would copy the server's threads. It
-    sees the parent's ``sys.path``, so whatever module a model's pickle names imports there.
-    """
-
-    def __init__(self, threads: int) -> None:
-        pairs = [socket.socketpair() for _ in range(2)]
-        fds = [theirs.fileno() for _, theirs in pairs]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        command = [sys.executable, "-m", __name__, *map(str, fds), str(threads)]
-        # A session of its own: a Ctrl-C in the server's terminal goes to the terminal's
-        # process group, and the server, not the child, decides when the child ends.
-        self.process = subprocess.Popen(command, pass_fds=fds, env=env, start_new_session=True)
-        for _, theirs in pairs:
-            theirs.close()
-        self.evaluations = _Channel(self, pairs[0][0])
-        self.control = _Channel(self, pairs[1][0])
-        self._death: str | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self._death is None and self.process.poll() is None
-
-    def died(self) -> str:
-        """Why the child is gone (a channel broke): its exit code, once it has exited."""
-        try:
-            code = self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:  # a channel broke under a live child: end it
-            self.process.kill()
-            code = self.process.wait()
-        if self._death is None:
-            self._death = f"the model process exited (code {code})"
-            log.error(self._death)
-        return self._death
-
-    def close(self) -> None:
-        self.evaluations.close()
-        self.control.close()
-        try:
-            self.process.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 class ModelProcess:
     """The child process that evaluates one CPU runner's models (parent side).
 
     ``load`` and ``drop`` come from loading threads, ``evaluate`` from whichever thread
     holds the runner's device (its own, or the I/O loop's for a lone session step); they
-    may overlap (a version compiles in the child while another serves)."""
+    may overlap (a version compiles in the child while another serves).
+
+    ``child``: one launched already (``model_child.Child``), which ``crossfield serve``
+    does before its own imports; else the first model given starts one."""
 
     def __init__(
         self,
         threads: int | None = None,
         on_restart: Callable[[], None] | None = None,
         skipped: frozenset[str] = frozenset(),
+        child: Child | None = None,
     ) -> None:
         self.threads = threads or torch.get_num_threads()
         self.restarts = 0
@@ -159,9 +80,10 @@ class ModelProcess:
         self._on_restart = on_restart  # e.g. a Prometheus counter's inc
         self._lock = threading.Lock()  # the child's lifecycle and the model table
         self._models: dict[str, ModelSpec] = {}
+        self._loading = 0  # loads under way, whose models are not in the table yet
         self._keys = itertools.count()
         self._closed = False
-        self._child: _Child | None = None  # started by the first model it is given
+        self._child = child
 
     def evaluates(self, backend: str) -> bool:
         """Whether models compiled for ``backend`` (resolved) are evaluated here."""
@@ -169,7 +91,7 @@ class ModelProcess:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id; None until a model started it."""
+        """The child's process id; None when there is none (no model started it)."""
         with self._lock:
             return None if self._child is None else self._child.process.pid
 
@@ -178,10 +100,27 @@ class ModelProcess:
         child's report (``compile_seconds``). Raises ``ModelProcessError`` naming
         the child's error (a backend that cannot run it, non-finite warm-up)."""
         key = f"m{next(self._keys)}"
-        report = self._current().control.call(("load", key, spec))
         with self._lock:
-            self._models[key] = spec
+            self._loading += 1
+        try:
+            report = self._current().control.call(("load", key, spec))
+            with self._lock:
+                self._models[key] = spec
+        finally:
+            with self._lock:
+                self._loading -= 1
         return key, report
+
+    def release_idle(self) -> None:
+        """End a child that holds no model, one launched ahead for models that then stayed
+        in the server's process (AOT packages); a later ``load`` starts another."""
+        with self._lock:
+            child = self._child
+            if child is None or self._models or self._loading:
+                return
+            self._child = None
+        child.discard()
+        log.info("model process: no model evaluates there; ended it until one does")
 
     def drop(self, key: str) -> None:
         """Let the child free a retired version."""
@@ -207,14 +146,14 @@ class ModelProcess:
             if self._child is not None:
                 self._child.close()
 
-    def _current(self) -> _Child:
+    def _current(self) -> Child:
         """The live child (started on first use): a dead one is replaced, and given every
         model it held."""
         with self._lock:
             if self._child is None:
                 if self._closed:
                     raise ModelProcessError("the model process is closed")
-                self._child = _Child(self.threads)
+                self._child = Child(self.threads)
                 return self._child
             if self._child.alive or self._closed:
                 return self._child
@@ -226,7 +165,7 @@ class ModelProcess:
                 self.restarts,
                 len(self._models),
             )
-            self._child = _Child(self.threads)
+            self._child = Child(self.threads)
             for key, spec in self._models.items():
                 try:
                     self._child.control.call(("load", key, spec))
@@ -265,7 +204,8 @@ def child_main(evaluations: Connection, control: Connection, threads: int) -> No
     still draining; the server stops it once drained, and its death ends the child too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    if threads > 0:  # else torch's default, as in the parent
+        torch.set_num_threads(threads)
     models: dict[str, Any] = {}
     threading.Thread(target=serve_control, args=(control, models), daemon=True).start()
     while True:

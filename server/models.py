@@ -25,7 +25,8 @@ from crossfield.model.backends import BACKEND_CHOICES, compile_model, ready_back
 from .batcher import Batcher, BatchLimits
 from .errors import NotFoundError, UnavailableError
 from .metrics import Metrics
-from .model_process import ModelProcess, ModelProcessError, ModelSpec, ProcessModel, pickle_model
+from .model_child import ModelProcessError
+from .model_process import ModelProcess, ModelSpec, ProcessModel, pickle_model
 from .provenance import public_metadata
 from .runner import Runner
 

@@ -29,10 +29,12 @@ from server_support import (
     wait_queued,
 )
 
-from crossfield.model import evaluate
+from crossfield.model import build_batch, evaluate
 from crossfield.model.graph import Structure
 from crossfield.server.app import ServerConfig, model_process
 from crossfield.server.metrics import Metrics
+from crossfield.server.model_child import Child
+from crossfield.server.model_process import ModelSpec, pickle_model
 from crossfield.server.models import retire
 from crossfield.v1.messages import response_results
 
@@ -47,6 +49,12 @@ def check_answer(response, expected: dict, what: str) -> None:
     results = response_results(response)
     assert_close(results["energy"], expected["energy"], f"{what} energy")
     assert_close(results["forces"], expected["forces"], f"{what} forces")
+
+
+def model_spec(model) -> ModelSpec:
+    """``model`` as the server gives it to the child: eager, in its own dtype."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return ModelSpec(pickle_model(model), "eager", dtype, cache_dir=None, shapes="dynamic")
 
 
 def send_batch(server, batch: list[Structure]) -> list:
@@ -181,3 +189,44 @@ def test_the_automatic_choice_gives_eager_models_a_model_process_and_keeps_aot_p
         for index, future in enumerate(send_batch(server, batch)):
             check_answer(future.result(), expected[index], f"structure {index}")
         assert server.runner.process._child.alive
+
+
+def test_a_model_process_launched_ahead_is_adopted_and_one_no_model_needs_is_ended() -> None:
+    """``crossfield serve`` launches its model process before its own imports
+    (``model_child.Child``): the server evaluates in that child, not a second one; one
+    that no model came to (AOT packages stay in the server's process) is ended, and a later
+    model starts another, which is no restart; a GPU's server ends it at once."""
+    metrics = Metrics()
+    cpu = ServerConfig(device="cpu", model_process=None)
+    model = small_model()
+    batch = structures(4, seed=17)
+    expected = reference(model, batch)
+    config = model.config
+    graph = build_batch(batch, config.elements, config.r_max, config.head_names, model.dtype)
+
+    def answers(process, key: str) -> None:
+        out = process.evaluate(key, graph, compute_forces=True, compute_stress=False)
+        energies = [e["energy"] for e in expected]
+        assert_close(out["energy"].numpy(), energies, "energies from the adopted child")
+
+    child = Child(1)
+    process = model_process(cpu, metrics, child)
+    key, _ = process.load(model_spec(model))
+    answers(process, key)
+    assert process.pid == child.process.pid  # the child launched ahead, adopted
+    process.release_idle()  # it holds a model: kept
+    assert child.alive
+    process.close()
+
+    idle = Child(1)
+    process = model_process(cpu, metrics, idle)
+    process.release_idle()
+    assert idle.process.poll() is not None and process.pid is None
+    key, _ = process.load(model_spec(model))  # a later model starts a new child
+    answers(process, key)
+    assert process.pid not in (None, idle.process.pid) and process.restarts == 0
+    process.close()
+
+    unwanted = Child(1)
+    assert model_process(ServerConfig(device="cuda", model_process=None), metrics, unwanted) is None
+    assert unwanted.process.poll() is not None
