@@ -107,15 +107,14 @@ def model_process(
     child starts with the first such model, or is ``child``, launched ahead (ended here
     when no model process is wanted)."""
     on_cpu = torch.device(config.device).type == "cpu"
-    wanted = config.model_process is not False and (on_cpu or config.model_process is True)
-    if not wanted:
+    if config.model_process is False or not on_cpu:
         if child is not None:
             child.discard()
+        if config.model_process is True:  # asked for on a GPU
+            raise ValueError(
+                f"model_process: runs models on the CPU only, not on {config.device!r}"
+            )
         return None
-    if not on_cpu:
-        if child is not None:
-            child.discard()
-        raise ValueError(f"model_process: runs models on the CPU only, not on {config.device!r}")
     skipped = IN_PROCESS_BACKENDS if config.model_process is None else frozenset()
     return ModelProcess(on_restart=metrics.model_process_restarts.inc, skipped=skipped, child=child)
 

@@ -444,7 +444,7 @@ def serve(args: argparse.Namespace, child: Child | None) -> int:
             server.add_model(model, name or Path(path).stem, version, metadata)
     except (ValueError, RuntimeError) as err:  # a backend that cannot run or compile this model
         raise SystemExit(f"crossfield serve: {err}") from None
-    if server.runner.process is not None and args.repo is None:
+    if server.runner.process is not None:
         server.runner.process.release_idle()  # launched ahead for models that stayed here
 
     stop = threading.Event()

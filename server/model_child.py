@@ -67,7 +67,6 @@ class Child:
     """
 
     def __init__(self, threads: int) -> None:
-        self.threads = threads
         pairs = [socket.socketpair() for _ in range(2)]
         fds = [theirs.fileno() for _, theirs in pairs]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
